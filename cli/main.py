@@ -1,0 +1,228 @@
+"""The ``clip21mpi`` command: parse, validate, and call the library."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import time
+import tomllib
+
+import click
+
+from clip21mpi import __version__
+from clip21mpi.config import ConfigError, RunConfig, suggest
+
+DEFAULTS = RunConfig()
+
+
+class StepSize(click.ParamType):
+    """A positive number, or ``auto``."""
+
+    name = "step_size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if str(value).strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(
+                f"{value!r} is neither a number nor 'auto'; pass e.g. --step-size 0.5 "
+                "or --step-size auto",
+                param,
+                ctx,
+            )
+
+
+def _world_rank() -> int:
+    """This process's rank, without starting MPI when it is not yet started."""
+    if "mpi4py.MPI" in sys.modules:
+        return sys.modules["mpi4py.MPI"].COMM_WORLD.Get_rank()
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _load_config_file(ctx, param, value):
+    """Read a TOML file into the command's defaults (the command line wins)."""
+    if value is None:
+        return None
+    try:
+        with open(value, "rb") as fh:
+            table = tomllib.load(fh)
+    except OSError as err:
+        raise click.BadParameter(f"cannot read {value!r}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise click.BadParameter(f"{value!r} is not valid TOML: {err}") from err
+    table = table.get("run", table)
+    names = {p.name for p in ctx.command.params if p.name not in ("config",)}
+    defaults = {}
+    for key, item in table.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise click.BadParameter(
+                f"unknown key {key!r} in {value!r}{suggest(name, names)} "
+                f"(valid: {', '.join(sorted(names))})"
+            )
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _setup_logging(rank: int, verbose: int, quiet: bool) -> None:
+    if rank == 0:
+        level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    else:
+        level = logging.DEBUG if verbose > 1 else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class Progress:
+    """Progress on rank 0: a bar on a terminal, a log line every ``every`` s otherwise."""
+
+    def __init__(self, total: int, stream=None, every: float = 10.0):
+        self.total = max(total, 1)
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every = 0.1 if self.tty else every
+        self.last = time.perf_counter()
+        self.log = logging.getLogger("clip21mpi.progress")
+
+    def __call__(self, k: int, grad_norm_sq: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        share = min(k / self.total, 1.0)
+        if self.tty:
+            bar = "#" * int(30 * share)
+            self.stream.write(
+                f"\r[{bar:<30}] {k}/{self.total}  ||grad f||^2 = {grad_norm_sq:.3e}"
+            )
+            self.stream.flush()
+        else:
+            self.log.info(
+                "iteration %d/%d (%.0f%%): ||grad f||^2 = %.3e",
+                k, self.total, 100 * share, grad_norm_sq,
+            )
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="clip21mpi")
+def cli():
+    """Clipped, error-compensated distributed optimisation over MPI.
+
+    Start it under MPI, e.g. ``mpiexec -n 4 clip21mpi run``.
+    """
+
+
+@cli.command()
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config_file,
+              is_eager=True, expose_value=False,
+              help="TOML file of options (keys as the option names); the command line wins.")
+@click.option("--problem", default=DEFAULTS.problem, show_default=True,
+              help="Loss: logreg (logistic) or nls (nonlinear least squares).")
+@click.option("--reg", default=DEFAULTS.reg, show_default=True,
+              help="Regulariser: none, l2 (lam/2 ||x||^2) or nonconvex "
+                   "(lam sum x^2/(1+x^2)).")
+@click.option("--lam", type=float, default=DEFAULTS.lam, show_default=True,
+              help="Regulariser weight.")
+@click.option("--data", default=DEFAULTS.data, show_default=True,
+              help="LibSVM file (.gz, .bz2 too), bundled name (breast_cancer), or "
+                   "synthetic[:rows=N,features=D,heterogeneity=H].")
+@click.option("--clients", type=int, default=None,
+              help="Number of clients (default: the number of ranks).")
+@click.option("--split", default=DEFAULTS.split, show_default=True,
+              help="Rows to clients: contiguous, shuffled or by-label.")
+@click.option("--method", default=DEFAULTS.method, show_default=True,
+              help="gd, clip-gd, clip21 or ef21.")
+@click.option("--tau", type=float, default=DEFAULTS.tau, show_default=True,
+              help="Clip threshold (bounds each message's norm).")
+@click.option("--k", "k", type=int, default=DEFAULTS.k, show_default=True,
+              help="Top-k coordinates per message (ef21).")
+@click.option("--step-size", type=StepSize(), default=DEFAULTS.step_size,
+              show_default=True, help="Step size gamma, or auto (see the README).")
+@click.option("--iters", type=int, default=DEFAULTS.iters, show_default=True,
+              help="Maximum number of iterations.")
+@click.option("--tol", type=float, default=DEFAULTS.tol, show_default=True,
+              help="Stop when ||grad f||^2 <= tol (0: never).")
+@click.option("--eval-every", type=int, default=DEFAULTS.eval_every, show_default=True,
+              help="Evaluate the loss every this many iterations.")
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
+              help="Seed of every random stream.")
+@click.option("--x0", default=DEFAULTS.x0, show_default=True,
+              help="Starting point: zeros or normal (N(0, I), seeded).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="HDF5 log (default: runs/<method>-<problem>-<data>-<time>.h5).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("-v", "--verbose", count=True, help="More output (-vv: every rank).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def run(verbose, quiet, **options):
+    """Run one method on one problem and write its HDF5 log."""
+    from clip21mpi.comm import World, install_abort_on_error
+    from clip21mpi.runner import RunFailed, prepare, run as run_method
+
+    world = World()
+    _setup_logging(world.rank, verbose, quiet)
+    install_abort_on_error(world)
+    try:
+        setup = prepare(RunConfig(**options), world.rank, world.size)
+    except ConfigError as err:
+        raise click.UsageError(err.message) from err
+
+    progress = None
+    if world.is_root and not quiet:
+        progress = Progress(setup.config.iters)
+    try:
+        result = run_method(setup, world, progress, shlex.join(sys.argv))
+    except RunFailed as err:
+        if world.is_root:
+            click.echo(f"Error: {err}", err=True)
+        sys.exit(1)
+    finally:
+        if progress is not None:
+            progress.close()
+    if world.is_root:
+        click.echo(
+            f"{result.status}: {setup.config.method} after {result.iterations} "
+            f"iterations, ||grad f||^2 = {result.grad_norm_sq:.6e}, "
+            f"f = {result.loss:.6g}, {result.wall_time:.2f} s\nlog: {result.path}"
+        )
+    sys.exit(result.exit_code)
+
+
+def main(argv=None) -> None:
+    """Entry point: click errors are shown once (by rank 0), with exit code 2."""
+    try:
+        rv = cli.main(args=argv, prog_name="clip21mpi", standalone_mode=False)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        if _world_rank() == 0:
+            err.show()
+        sys.exit(err.exit_code)
+    except click.Abort:
+        if _world_rank() == 0:
+            click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
