@@ -3,7 +3,8 @@
 Layout of one run's file::
 
     /                      attributes: config (JSON), command, status, ...
-    /x0, /x_final          float64 (d,)
+    /feature               int64 (d,), a dimension scale
+    /x0, /x_final          float64 (d,), indexed by feature
     /metrics/iteration     int64 (K+1,), a dimension scale
     /metrics/<name>        float64 (K+1,), indexed by iteration
 
@@ -74,7 +75,10 @@ class RunLog:
             for key, value in attrs.items():
                 f.attrs[key] = _attr_value(value)
             f.attrs["status"] = "running"
-            f.create_dataset("x0", data=np.asarray(x0, dtype=np.float64))
+            x0 = np.asarray(x0, dtype=np.float64)
+            feature = f.create_dataset("feature", data=np.arange(x0.size))
+            feature.make_scale("feature")
+            f.create_dataset("x0", data=x0).dims[0].attach_scale(feature)
             group = f.create_group("metrics")
             it = group.create_dataset(
                 "iteration", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,)
@@ -117,7 +121,10 @@ class RunLog:
             if x_final is not None:
                 if "x_final" in f:
                     del f["x_final"]
-                f.create_dataset("x_final", data=np.asarray(x_final, dtype=np.float64))
+                ds = f.create_dataset(
+                    "x_final", data=np.asarray(x_final, dtype=np.float64)
+                )
+                ds.dims[0].attach_scale(f["feature"])
 
 
 class RunRecord(dict):

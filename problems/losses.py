@@ -26,19 +26,10 @@ __all__ = [
 ]
 
 
-def _log_sigmoid_parts(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``log(1 + exp(u))`` and ``sigmoid(u)``, both stable for any u."""
-    e = np.exp(-np.abs(u))
-    softplus = np.maximum(u, 0.0) + np.log1p(e)
-    inv = 1.0 / (1.0 + e)
-    sig = np.where(u >= 0, inv, e * inv)
-    return softplus, sig
-
-
 def _sigmoid(u: np.ndarray) -> np.ndarray:
-    e = np.exp(-np.abs(u))
-    inv = 1.0 / (1.0 + e)
-    return np.where(u >= 0, inv, e * inv)
+    """``1 / (1 + exp(-u))``, exact to round-off for every u (exp may overflow)."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-u))
 
 
 class Loss:
@@ -76,12 +67,21 @@ class LogisticLoss(Loss):
     convex = True
 
     def derivative(self, z, b):
-        return -b * _sigmoid(-b * z)
+        # -b sigmoid(-b z), with exp(b z) overflowing harmlessly to inf.
+        with np.errstate(over="ignore"):
+            return -b / (1.0 + np.exp(b * z))
 
     def value_and_derivative(self, z, b):
-        u = -b * z
-        softplus, sig = _log_sigmoid_parts(u)
-        return softplus, -b * sig
+        u = b * z
+        with np.errstate(over="ignore", divide="ignore"):
+            q = np.exp(u)
+            phi = np.log1p(1.0 / q)
+        dphi = -b / (1.0 + q)
+        # exp(u) underflows to 0 for u < -745: phi = -u + log1p(exp(u)) there.
+        far = np.flatnonzero(np.isinf(phi) & np.isfinite(u))
+        if far.size:
+            phi[far] = -u[far] + np.log1p(np.exp(u[far]))
+        return phi, dphi
 
 
 # sup_z |d^2/dz^2 (y - sigmoid(z))^2| for y in {0, 1}; the supremum is
