@@ -48,7 +48,7 @@ class RunConfig:
     clients: int | None = None
     split: str = "contiguous"
     method: str = "clip21"
-    tau: float = 1.0
+    tau: float = 0.1
     k: int = 1
     step_size: float | str = "auto"
     iters: int = 1000

@@ -51,9 +51,13 @@ class RunLog:
     """The writer of one run's log (used on one rank only).
 
     Example:
-        >>> log = RunLog.create("run.h5", {"config": {}}, np.zeros(3))
+        >>> import tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.h5")
+        >>> log = RunLog.create(path, {"config": {}}, np.zeros(3))
         >>> log.append(np.arange(2), {m: np.zeros(2) for m in METRICS})
         >>> log.close("max_iters", np.zeros(3))
+        >>> read_log(path)["attrs"]["status"]
+        'max_iters'
     """
 
     def __init__(self, path: str, metrics=METRICS):
