@@ -76,12 +76,16 @@ def _load_config_file(ctx, param, value):
 
 def _setup_logging(rank: int, verbose: int, quiet: bool) -> None:
     if rank == 0:
-        level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+        level = (
+            logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+        )
     else:
         level = logging.DEBUG if verbose > 1 else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+        logging.Formatter(
+            f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S"
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -114,7 +118,10 @@ class Progress:
         else:
             self.log.info(
                 "iteration %d/%d (%.0f%%): ||grad f||^2 = %.3e",
-                k, self.total, 100 * share, grad_norm_sq,
+                k,
+                self.total,
+                100 * share,
+                grad_norm_sq,
             )
 
     def close(self) -> None:
@@ -133,50 +140,128 @@ def cli():
 
 
 @cli.command()
-@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config_file,
-              is_eager=True, expose_value=False,
-              help="TOML file of options (keys as the option names); the command line wins.")
-@click.option("--problem", default=DEFAULTS.problem, show_default=True,
-              help="Loss: logreg (logistic) or nls (nonlinear least squares).")
-@click.option("--reg", default=DEFAULTS.reg, show_default=True,
-              help="Regulariser: none, l2 (lam/2 ||x||^2) or nonconvex "
-                   "(lam sum x^2/(1+x^2)).")
-@click.option("--lam", type=float, default=DEFAULTS.lam, show_default=True,
-              help="Regulariser weight.")
-@click.option("--data", default=DEFAULTS.data, show_default=True,
-              help="LibSVM file (.gz, .bz2 too), bundled name (breast_cancer), or "
-                   "synthetic[:rows=N,features=D,heterogeneity=H].")
-@click.option("--clients", type=int, default=None,
-              help="Number of clients (default: the number of ranks).")
-@click.option("--split", default=DEFAULTS.split, show_default=True,
-              help="Rows to clients: contiguous, shuffled or by-label.")
-@click.option("--method", default=DEFAULTS.method, show_default=True,
-              help="gd, clip-gd, clip21 or ef21.")
-@click.option("--tau", type=float, default=DEFAULTS.tau, show_default=True,
-              help="Clip threshold (bounds each message's norm).")
-@click.option("--k", "k", type=int, default=DEFAULTS.k, show_default=True,
-              help="Top-k coordinates per message (ef21).")
-@click.option("--step-size", type=StepSize(), default=DEFAULTS.step_size,
-              show_default=True, help="Step size gamma, or auto (see the README).")
-@click.option("--iters", type=int, default=DEFAULTS.iters, show_default=True,
-              help="Maximum number of iterations.")
-@click.option("--tol", type=float, default=DEFAULTS.tol, show_default=True,
-              help="Stop when ||grad f||^2 <= tol (0: never).")
-@click.option("--eval-every", type=int, default=DEFAULTS.eval_every, show_default=True,
-              help="Evaluate the loss every this many iterations.")
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
-              help="Seed of every random stream.")
-@click.option("--x0", default=DEFAULTS.x0, show_default=True,
-              help="Starting point: zeros or normal (N(0, I), seeded).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="HDF5 log (default: runs/<method>-<problem>-<data>-<time>.h5).")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    callback=_load_config_file,
+    is_eager=True,
+    expose_value=False,
+    help="TOML file of options (keys as the option names); the command line wins.",
+)
+@click.option(
+    "--problem",
+    default=DEFAULTS.problem,
+    show_default=True,
+    help="Loss: logreg (logistic) or nls (nonlinear least squares).",
+)
+@click.option(
+    "--reg",
+    default=DEFAULTS.reg,
+    show_default=True,
+    help="Regulariser: none, l2 (lam/2 ||x||^2) or nonconvex (lam sum x^2/(1+x^2)).",
+)
+@click.option(
+    "--lam",
+    type=float,
+    default=DEFAULTS.lam,
+    show_default=True,
+    help="Regulariser weight.",
+)
+@click.option(
+    "--data",
+    default=DEFAULTS.data,
+    show_default=True,
+    help="LibSVM file (.gz, .bz2 too), bundled name (breast_cancer), or "
+    "synthetic[:rows=N,features=D,heterogeneity=H].",
+)
+@click.option(
+    "--clients",
+    type=int,
+    default=None,
+    help="Number of clients (default: the number of ranks).",
+)
+@click.option(
+    "--split",
+    default=DEFAULTS.split,
+    show_default=True,
+    help="Rows to clients: contiguous, shuffled or by-label.",
+)
+@click.option(
+    "--method",
+    default=DEFAULTS.method,
+    show_default=True,
+    help="gd, clip-gd, clip21 or ef21.",
+)
+@click.option(
+    "--tau",
+    type=float,
+    default=DEFAULTS.tau,
+    show_default=True,
+    help="Clip threshold (bounds each message's norm).",
+)
+@click.option(
+    "--k",
+    "k",
+    type=int,
+    default=DEFAULTS.k,
+    show_default=True,
+    help="Top-k coordinates per message (ef21).",
+)
+@click.option(
+    "--step-size",
+    type=StepSize(),
+    default=DEFAULTS.step_size,
+    show_default=True,
+    help="Step size gamma, or auto (see the README).",
+)
+@click.option(
+    "--iters",
+    type=int,
+    default=DEFAULTS.iters,
+    show_default=True,
+    help="Maximum number of iterations.",
+)
+@click.option(
+    "--tol",
+    type=float,
+    default=DEFAULTS.tol,
+    show_default=True,
+    help="Stop when ||grad f||^2 <= tol (0: never).",
+)
+@click.option(
+    "--eval-every",
+    type=int,
+    default=DEFAULTS.eval_every,
+    show_default=True,
+    help="Evaluate the loss every this many iterations.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=DEFAULTS.seed,
+    show_default=True,
+    help="Seed of every random stream.",
+)
+@click.option(
+    "--x0",
+    default=DEFAULTS.x0,
+    show_default=True,
+    help="Starting point: zeros or normal (N(0, I), seeded).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="HDF5 log (default: runs/<method>-<problem>-<data>-<time>.h5).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("-v", "--verbose", count=True, help="More output (-vv: every rank).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def run(verbose, quiet, **options):
     """Run one method on one problem and write its HDF5 log."""
     from clip21mpi.comm import World, install_abort_on_error
-    from clip21mpi.runner import RunFailed, prepare, run as run_method
+    from clip21mpi.runner import RunFailed, prepare
+    from clip21mpi.runner import run as run_method
 
     world = World()
     _setup_logging(world.rank, verbose, quiet)

@@ -17,7 +17,7 @@ from clip21mpi.methods import METHODS
 from problems.losses import LOSSES, REGULARISERS
 from problems.split import SPLITS
 
-__all__ = ["ConfigError", "RunConfig", "suggest", "X0_CHOICES"]
+__all__ = ["X0_CHOICES", "ConfigError", "RunConfig", "suggest"]
 
 X0_CHOICES = ("zeros", "normal")
 
@@ -59,13 +59,13 @@ class RunConfig:
     out: str | None = None
     overwrite: bool = False
 
-    def replace(self, **changes) -> "RunConfig":
+    def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self, n_ranks: int = 1) -> "RunConfig":
+    def validate(self, n_ranks: int = 1) -> RunConfig:
         """Return the config with ``clients`` resolved, or raise ConfigError."""
         _choice("--problem", self.problem, LOSSES)
         _choice("--reg", self.reg, REGULARISERS)

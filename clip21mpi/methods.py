@@ -36,7 +36,7 @@ import numpy as np
 
 from clip21mpi.operators import Clip, Identity, TopK
 
-__all__ = ["METHODS", "MethodSpec", "Method", "MethodState", "auto_step_size"]
+__all__ = ["METHODS", "Method", "MethodSpec", "MethodState", "auto_step_size"]
 
 
 @dataclass(frozen=True)
@@ -56,22 +56,31 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec(
-            "gd", "identity", False,
+            "gd",
+            "identity",
+            False,
             summary="x <- x - gamma mean_i grad f_i(x)",
             paper="gradient descent",
         ),
         MethodSpec(
-            "clip-gd", "clip", False,
+            "clip-gd",
+            "clip",
+            False,
             summary="x <- x - gamma mean_i clip_tau(grad f_i(x))",
             paper="clipped gradient descent (biased baseline)",
         ),
         MethodSpec(
-            "clip21", "clip", True,
+            "clip21",
+            "clip",
+            True,
             summary="c_i = clip_tau(grad f_i(x) - g_i); g_i += c_i; g += mean c_i",
             paper="Khirirat, Gorbunov, Horvath, Islamov, Karray, Richtarik (2023)",
         ),
         MethodSpec(
-            "ef21", "topk", True, first_operator="identity",
+            "ef21",
+            "topk",
+            True,
+            first_operator="identity",
             summary="c_i = TopK(grad f_i(x) - g_i); g_i += c_i; g += mean c_i",
             paper="Richtarik, Sokolov, Fatkhullin (2021)",
         ),
@@ -108,7 +117,9 @@ class Method:
         ([[0.6, 0.8]], [[0.6, 0.8]])
     """
 
-    def __init__(self, spec: MethodSpec, tau: float | None = None, k: int | None = None):
+    def __init__(
+        self, spec: MethodSpec, tau: float | None = None, k: int | None = None
+    ):
         self.spec = spec
         self.name = spec.name
         self.error_feedback = spec.error_feedback
@@ -156,7 +167,9 @@ def _make_operator(kind: str, tau, k):
     raise ValueError(f"unknown operator {kind!r}")
 
 
-def auto_step_size(name: str, L: float, L_tilde: float, k: int | None, dim: int) -> float:
+def auto_step_size(
+    name: str, L: float, L_tilde: float, k: int | None, dim: int
+) -> float:
     """Return the step size that ``--step-size auto`` means for ``name``.
 
     * gd, clip-gd, clip21: ``1 / L`` (clip21 is exactly GD once clipping

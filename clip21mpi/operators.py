@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Identity", "Clip", "TopK", "clip_rows", "top_k_rows"]
+__all__ = ["Clip", "Identity", "TopK", "clip_rows", "top_k_rows"]
 
 VALUE_BITS = 64
 INDEX_BITS = 32

@@ -65,8 +65,9 @@ class RunLog:
         self.metrics = tuple(metrics)
 
     @classmethod
-    def create(cls, path, attrs: dict, x0: np.ndarray, overwrite: bool = False,
-               metrics=METRICS) -> "RunLog":
+    def create(
+        cls, path, attrs: dict, x0: np.ndarray, overwrite: bool = False, metrics=METRICS
+    ) -> RunLog:
         """Create the file with its attributes, ``x0`` and empty metrics.
 
         Raises:
@@ -85,13 +86,21 @@ class RunLog:
             f.create_dataset("x0", data=x0).dims[0].attach_scale(feature)
             group = f.create_group("metrics")
             it = group.create_dataset(
-                "iteration", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,)
+                "iteration",
+                shape=(0,),
+                maxshape=(None,),
+                dtype=np.int64,
+                chunks=(1024,),
             )
             it.make_scale("iteration")
             for name in log.metrics:
                 ds = group.create_dataset(
-                    name, shape=(0,), maxshape=(None,), dtype=np.float64,
-                    chunks=(1024,), fillvalue=np.nan,
+                    name,
+                    shape=(0,),
+                    maxshape=(None,),
+                    dtype=np.float64,
+                    chunks=(1024,),
+                    fillvalue=np.nan,
                 )
                 ds.dims[0].attach_scale(it)
         return log

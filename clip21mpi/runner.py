@@ -31,7 +31,7 @@ from problems.losses import LOSSES, make_regulariser
 from problems.objective import ClientObjectives
 from problems.split import client_offsets, rank_clients, row_order
 
-__all__ = ["LocalSetup", "RunFailed", "RunResult", "prepare", "run", "EXIT_CODES"]
+__all__ = ["EXIT_CODES", "LocalSetup", "RunFailed", "RunResult", "prepare", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +114,18 @@ def prepare(config: RunConfig, rank: int, size: int) -> LocalSetup:
     offsets = client_offsets(dataset.n_rows, cfg.clients)
     rows = order[offsets[mine.start] : offsets[mine.stop]]
     design = ClientDesign(
-        dataset.features[rows], offsets[mine.start : mine.stop + 1] - offsets[mine.start]
+        dataset.features[rows],
+        offsets[mine.start : mine.stop + 1] - offsets[mine.start],
     )
     objectives = ClientObjectives(loss, reg, design, labels[rows])
     return LocalSetup(
-        cfg, rank, size, mine, objectives, dataset.name, dataset.n_rows,
+        cfg,
+        rank,
+        size,
+        mine,
+        objectives,
+        dataset.name,
+        dataset.n_rows,
         dataset.n_features,
     )
 
@@ -216,6 +223,91 @@ class _MetricBuffer:
         self.last_flush = time.perf_counter()
 
 
+@dataclass
+class _Outcome:
+    status: str
+    k: int
+    x: np.ndarray
+    error: BaseException | None
+    grad_norm_sq: float
+    loss: float
+    clip_fraction: float
+    bits_sent: float
+
+
+def _iterate(cfg, obj, method, world, gamma, x, metrics, progress, t0) -> _Outcome:
+    """The iterations, from x^0 until a stop; one collective per iteration."""
+    d, n, n_local = obj.dim, cfg.clients, obj.n_local
+
+    # One buffer per iteration: message sum, gradient sum, loss sum,
+    # clipped clients, bits, failed ranks.
+    buf = np.zeros(2 * d + 4)
+    msg_sum, grad_sum = buf[:d], buf[d : 2 * d]
+    LOSS, ACTIVE, BITS, FAILED = 2 * d, 2 * d + 1, 2 * d + 2, 2 * d + 3
+    state = method.init_state(n_local, d)
+    bits_sent = 0.0
+    status, error, k = "running", None, 0
+    gns = loss = clip_fraction = float("nan")
+
+    for k in range(cfg.iters + 1):
+        evaluate = k % cfg.eval_every == 0 or k == cfg.iters
+        first = k == 0
+        buf[:] = 0.0
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                if evaluate:
+                    values, grads = obj.values_and_grads(x)
+                    buf[LOSS] = values.sum()
+                else:
+                    grads = obj.grads(x)
+                messages, active = method.client_round(grads, state, first)
+                np.sum(messages, axis=0, out=msg_sum)
+                np.sum(grads, axis=0, out=grad_sum)
+            buf[ACTIVE] = np.count_nonzero(active)
+            buf[BITS] = n_local * method.bits_per_message(d, first)
+        except Exception as err:  # noqa: BLE001 - every rank learns of it below
+            buf[:] = 0.0
+            buf[FAILED] = 1.0
+            error = err
+
+        world.sum_in_place(buf)
+
+        if buf[FAILED] > 0:
+            status = "failed"
+            break
+        grad_mean = grad_sum / n
+        gns = float(grad_mean @ grad_mean)
+        loss = buf[LOSS] / n if evaluate else float("nan")
+        clip_fraction = buf[ACTIVE] / n
+        now = time.perf_counter()
+        metrics.add(
+            k,
+            now,
+            grad_norm_sq=gns,
+            loss=loss,
+            clip_fraction=clip_fraction,
+            bits_sent=bits_sent,
+            wall_time=now - t0,
+        )
+        if progress is not None:
+            progress(k, gns)
+        if not np.isfinite(buf[: LOSS + 1]).all():
+            status = "diverged"
+            break
+        if gns <= cfg.tol:
+            status = "converged"
+            break
+        if k == cfg.iters:
+            status = "max_iters"
+            break
+
+        method.server_round(state, msg_sum / n)
+        x = x - gamma * state.g
+        bits_sent += buf[BITS] / n
+
+    return _Outcome(status, k, x, error, gns, loss, clip_fraction, bits_sent)
+
+
 def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> RunResult:
     """Run the configured method on every rank and log it on rank 0.
 
@@ -235,7 +327,7 @@ def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> Ru
     """
     cfg = setup.config
     obj = setup.objectives
-    d, n, n_local = setup.dim, cfg.clients, obj.n_local
+    d, n = setup.dim, cfg.clients
     spec = METHODS[cfg.method]
     method = Method(spec, tau=cfg.tau, k=cfg.k)
 
@@ -259,92 +351,66 @@ def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> Ru
         log = RunLog.create(path, header, x, overwrite=cfg.overwrite)
         logger.info(
             "%s on %s (%s), %d clients on %d ranks, d=%d, L=%.4g, step size %.4g, log %s",
-            cfg.method, setup.dataset_name, cfg.problem, n, world.size, d, L, gamma, path,
+            cfg.method,
+            setup.dataset_name,
+            cfg.problem,
+            n,
+            world.size,
+            d,
+            L,
+            gamma,
+            path,
         )
         logger.debug("configuration: %s", json.dumps(cfg.to_dict()))
     metrics = _MetricBuffer(log)
 
-    # One buffer per iteration: message sum, gradient sum, loss sum,
-    # clipped clients, bits, failed ranks.
-    buf = np.zeros(2 * d + 4)
-    msg_sum, grad_sum = buf[:d], buf[d : 2 * d]
-    LOSS, ACTIVE, BITS, FAILED = 2 * d, 2 * d + 1, 2 * d + 2, 2 * d + 3
-    state = method.init_state(n_local, d)
-    bits_sent = 0.0
-    status, error, k = "running", None, 0
-    gns = loss = clip_fraction = float("nan")
     t0 = time.perf_counter()
-
-    for k in range(cfg.iters + 1):
-        evaluate = k % cfg.eval_every == 0 or k == cfg.iters
-        first = k == 0
-        buf[:] = 0.0
-        try:
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                if evaluate:
-                    values, grads = obj.values_and_grads(x)
-                    buf[LOSS] = values.sum()
-                else:
-                    grads = obj.grads(x)
-                messages, active = method.client_round(grads, state, first)
-                np.sum(messages, axis=0, out=msg_sum)
-                np.sum(grads, axis=0, out=grad_sum)
-            buf[ACTIVE] = np.count_nonzero(active)
-            buf[BITS] = n_local * method.bits_per_message(d, first)
-        except Exception as err:  # reported to every rank through the buffer
-            buf[:] = 0.0
-            buf[FAILED] = 1.0
-            error = err
-
-        world.sum_in_place(buf)
-
-        if buf[FAILED] > 0:
-            status = "failed"
-            break
-        grad_mean = grad_sum / n
-        gns = float(grad_mean @ grad_mean)
-        loss = buf[LOSS] / n if evaluate else float("nan")
-        clip_fraction = buf[ACTIVE] / n
-        now = time.perf_counter()
-        metrics.add(
-            k, now, grad_norm_sq=gns, loss=loss, clip_fraction=clip_fraction,
-            bits_sent=bits_sent, wall_time=now - t0,
-        )
-        if progress is not None:
-            progress(k, gns)
-        if not np.isfinite(buf[: LOSS + 1]).all():
-            status = "diverged"
-            break
-        if gns <= cfg.tol:
-            status = "converged"
-            break
-        if k == cfg.iters:
-            status = "max_iters"
-            break
-
-        method.server_round(state, msg_sum / n)
-        x = x - gamma * state.g
-        bits_sent += buf[BITS] / n
+    try:
+        out = _iterate(cfg, obj, method, world, gamma, x, metrics, progress, t0)
+    except BaseException as err:
+        # Interrupted (e.g. Ctrl-C): keep what was flushed and say so.
+        if log is not None:
+            metrics.flush()
+            log.close("failed", None, {"message": f"interrupted: {err!r}"})
+        raise
+    status, k, x, error = out.status, out.k, out.x, out.error
+    gns, loss = out.grad_norm_sq, out.loss
 
     wall_time = time.perf_counter() - t0
     message = ""
     if status == "failed":
-        texts = world.gather_to_all(None if error is None else f"{type(error).__name__}: {error}")
+        texts = world.gather_to_all(
+            None if error is None else f"{type(error).__name__}: {error}"
+        )
         failing = [r for r, t in enumerate(texts) if t is not None]
         message = f"rank {failing[0]} failed at iteration {k}: {texts[failing[0]]}"
     if log is not None:
         metrics.flush()
         log.close(
-            status, x,
+            status,
+            x,
             {"iterations": k, "wall_time_total": wall_time, "message": message},
         )
         logger.info(
             "%s after %d iterations: ||grad f||^2 = %.3e, %.2f s, log %s",
-            status, k, gns, wall_time, path,
+            status,
+            k,
+            gns,
+            wall_time,
+            path,
         )
     if status == "failed":
         raise RunFailed(message) from error
     return RunResult(
-        status, k, x, gns, loss, gamma, path if world.is_root else path, wall_time,
-        clip_fraction, bits_sent, L,
+        status,
+        k,
+        x,
+        gns,
+        loss,
+        gamma,
+        path,
+        wall_time,
+        out.clip_fraction,
+        out.bits_sent,
+        L,
     )

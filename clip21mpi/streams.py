@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PURPOSES", "stream", "seed_sequence"]
+__all__ = ["PURPOSES", "seed_sequence", "stream"]
 
 # Fixed codes: changing one changes every result that used it.
 PURPOSES = {
@@ -28,7 +28,9 @@ def seed_sequence(
 ) -> np.random.SeedSequence:
     """Return the SeedSequence for ``purpose`` (and ``client``) of run ``seed``."""
     if purpose not in PURPOSES:
-        raise ValueError(f"unknown random purpose {purpose!r}; valid: {sorted(PURPOSES)}")
+        raise ValueError(
+            f"unknown random purpose {purpose!r}; valid: {sorted(PURPOSES)}"
+        )
     key = (PURPOSES[purpose],) if client is None else (PURPOSES[purpose], 1 + client)
     return np.random.SeedSequence(entropy=seed, spawn_key=key)
 

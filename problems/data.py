@@ -98,7 +98,9 @@ def _parse_synthetic(spec: str) -> dict:
         try:
             params[key] = type(params[key])(value)
         except ValueError:
-            raise DataError(f"synthetic {key} must be a number, got {value!r}") from None
+            raise DataError(
+                f"synthetic {key} must be a number, got {value!r}"
+            ) from None
     if params["rows"] < 1 or params["features"] < 1 or params["heterogeneity"] < 0:
         raise DataError(
             f"synthetic needs rows >= 1, features >= 1, heterogeneity >= 0, got {params}"
@@ -176,7 +178,9 @@ def _load_libsvm(path: str) -> Dataset:
     try:
         X, y = load_svmlight_file(path, dtype=np.float64)
     except (ValueError, UnicodeDecodeError, OSError, EOFError) as err:
-        bad = _first_bad_line(path) if not isinstance(err, (OSError, EOFError)) else None
+        bad = (
+            _first_bad_line(path) if not isinstance(err, (OSError, EOFError)) else None
+        )
         where = f"{path}, line {bad[0]}: {bad[1]}" if bad else f"{path}: {err}"
         raise DataError(f"malformed LibSVM data in {where}") from err
     if X.shape[0] == 0:
@@ -187,7 +191,9 @@ def _load_libsvm(path: str) -> Dataset:
     return Dataset(name, path, sp.csr_matrix(X), y)
 
 
-def map_labels(labels: np.ndarray, target: tuple[float, float], source: str) -> np.ndarray:
+def map_labels(
+    labels: np.ndarray, target: tuple[float, float], source: str
+) -> np.ndarray:
     """Map two raw label values to ``target``: smallest to the first, largest
     to the second.
 
@@ -200,7 +206,9 @@ def map_labels(labels: np.ndarray, target: tuple[float, float], source: str) -> 
     """
     values = np.unique(labels)
     if values.size != 2:
-        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (
+            ", ..." if values.size > 6 else ""
+        )
         raise DataError(
             f"binary classification needs exactly two label values; {source} has "
             f"{values.size} ({shown})"

@@ -39,8 +39,10 @@ class ClientDesign:
         if offsets[0] != 0 or offsets[-1] != A.shape[0] or np.any(counts < 1):
             raise ValueError("offsets must cut the rows into non-empty blocks")
         self.sparse = sp.issparse(A)
-        self.A = sp.csr_matrix(A, dtype=np.float64) if self.sparse else np.asarray(
-            A, dtype=np.float64
+        self.A = (
+            sp.csr_matrix(A, dtype=np.float64)
+            if self.sparse
+            else np.asarray(A, dtype=np.float64)
         )
         self.offsets = offsets
         self.counts = counts

@@ -18,10 +18,10 @@ import numpy as np
 __all__ = [
     "LOSSES",
     "REGULARISERS",
-    "Loss",
     "LogisticLoss",
-    "SigmoidSquaredLoss",
+    "Loss",
     "Regulariser",
+    "SigmoidSquaredLoss",
     "make_regulariser",
 ]
 

@@ -62,8 +62,7 @@ class ClientObjectives:
     def smoothness(self) -> np.ndarray:
         """Return ``L_i = curvature(phi) lambda_max(A_i^T A_i) / m_i + L_r``."""
         return (
-            self.loss.curvature * self.design.client_curvatures()
-            + self.reg.smoothness
+            self.loss.curvature * self.design.client_curvatures() + self.reg.smoothness
         )
 
     def smoothness_of_mean(self, gram_mean: np.ndarray) -> float:

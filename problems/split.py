@@ -6,7 +6,7 @@ import numpy as np
 
 from clip21mpi.streams import stream
 
-__all__ = ["SPLITS", "client_offsets", "row_order", "rank_clients"]
+__all__ = ["SPLITS", "client_offsets", "rank_clients", "row_order"]
 
 SPLITS = ("contiguous", "shuffled", "by-label")
 

@@ -1,6 +1,8 @@
 """Each method's trajectory against a plain per-client numpy loop, and the
 central claim of Clip21: error feedback removes the bias of clipping."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,7 @@ def reference(method, data, clients, tau, k, gamma, iters, lam=0.1, seed=0):
     X = X.toarray() if hasattr(X, "toarray") else X
     y = map_labels(dataset.labels, (-1.0, 1.0), data)
     offsets = client_offsets(len(y), clients)
-    shards = [(X[a:b], y[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+    shards = [(X[a:b], y[a:b]) for a, b in itertools.pairwise(offsets)]
 
     def grad_i(i, x):
         A, b = shards[i]
@@ -71,8 +73,15 @@ def reference(method, data, clients, tau, k, gamma, iters, lam=0.1, seed=0):
 
 @pytest.mark.parametrize("method", ["gd", "clip-gd", "clip21", "ef21"])
 def test_trajectory_equals_per_client_loop(tmp_path, method):
-    options = dict(data=DATA, clients=4, method=method, tau=0.05, k=2,
-                   step_size=0.5, iters=60)
+    options = {
+        "data": DATA,
+        "clients": 4,
+        "method": method,
+        "tau": 0.05,
+        "k": 2,
+        "step_size": 0.5,
+        "iters": 60,
+    }
     result, log = run_library(tmp_path, **options)
     x_ref, history = reference(method, DATA, 4, 0.05, 2, 0.5, 60)
     assert result.status == "max_iters" and result.iterations == 60
@@ -84,7 +93,7 @@ def test_trajectory_equals_per_client_loop(tmp_path, method):
 
 
 def test_clip21_with_a_large_threshold_is_gd(tmp_path):
-    common = dict(data=DATA, clients=3, step_size=0.4, iters=40)
+    common = {"data": DATA, "clients": 3, "step_size": 0.4, "iters": 40}
     gd, _ = run_library(tmp_path / "gd", method="gd", **common)
     clip21, log = run_library(tmp_path / "c", method="clip21", tau=1e6, **common)
     np.testing.assert_allclose(clip21.x_final, gd.x_final, rtol=1e-13)
@@ -94,8 +103,12 @@ def test_clip21_with_a_large_threshold_is_gd(tmp_path):
 def test_clipping_removes_bias_only_with_error_feedback(tmp_path):
     """On heterogeneous clients with clipping active, Clip-GD stalls orders of
     magnitude above Clip21, which reaches GD's accuracy."""
-    common = dict(data="synthetic:rows=400,features=10,heterogeneity=2", clients=4,
-                  tau=0.1, iters=500)
+    common = {
+        "data": "synthetic:rows=400,features=10,heterogeneity=2",
+        "clients": 4,
+        "tau": 0.1,
+        "iters": 500,
+    }
     final = {}
     for method in ("gd", "clip-gd", "clip21"):
         result, log = run_library(tmp_path / method, method=method, **common)
@@ -110,8 +123,9 @@ def test_clipping_removes_bias_only_with_error_feedback(tmp_path):
 
 
 def test_tolerance_stops_all_methods(tmp_path):
-    result, log = run_library(tmp_path, data=DATA, clients=2, method="clip21",
-                              tau=0.1, tol=1e-8, iters=5000)
+    result, log = run_library(
+        tmp_path, data=DATA, clients=2, method="clip21", tau=0.1, tol=1e-8, iters=5000
+    )
     assert result.status == "converged"
     gns = log["metrics"]["grad_norm_sq"]
     assert gns[-1] <= 1e-8 < gns[-2]

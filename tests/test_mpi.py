@@ -26,7 +26,12 @@ def launch(n, args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     return subprocess.run(
         [mpiexec(), "-n", str(n), sys.executable, *args],
-        capture_output=True, text=True, timeout=TIMEOUT, env=env, **kw,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        **kw,
     )
 
 
@@ -36,16 +41,32 @@ def clip21mpi(n, *options):
 
 @pytest.mark.parametrize(
     "method,extra",
-    [("clip21", ["--tau", "0.05"]), ("ef21", ["--k", "2"]), ("clip-gd", ["--tau", "0.1"])],
+    [
+        ("clip21", ["--tau", "0.05"]),
+        ("ef21", ["--k", "2"]),
+        ("clip-gd", ["--tau", "0.1"]),
+    ],
 )
 def test_same_trajectory_on_1_2_and_3_ranks(tmp_path, method, extra):
     logs = []
     for n in (1, 2, 3):
         out = tmp_path / f"{n}.h5"
         proc = clip21mpi(
-            n, "--data", "synthetic:rows=300,features=8,heterogeneity=2",
-            "--clients", "7", "--method", method, *extra, "--iters", "150",
-            "--x0", "normal", "--out", str(out), "-q",
+            n,
+            "--data",
+            "synthetic:rows=300,features=8,heterogeneity=2",
+            "--clients",
+            "7",
+            "--method",
+            method,
+            *extra,
+            "--iters",
+            "150",
+            "--x0",
+            "normal",
+            "--out",
+            str(out),
+            "-q",
         )
         assert proc.returncode == 0, proc.stderr
         logs.append(read_log(out))
@@ -58,15 +79,26 @@ def test_same_trajectory_on_1_2_and_3_ranks(tmp_path, method, extra):
             )
         np.testing.assert_allclose(other["x_final"], base["x_final"], rtol=1e-10)
         np.testing.assert_array_equal(other["x0"], base["x0"])
-        np.testing.assert_allclose(other["attrs"]["L_i"], base["attrs"]["L_i"], rtol=1e-12)
+        np.testing.assert_allclose(
+            other["attrs"]["L_i"], base["attrs"]["L_i"], rtol=1e-12
+        )
     gns = base["metrics"]["grad_norm_sq"]
     assert gns[-1] < 0.1 * gns[0]  # a run that moves, not a trivial one
 
 
 def test_more_clients_than_ranks_and_a_summary_once(tmp_path):
     out = tmp_path / "run.h5"
-    proc = clip21mpi(4, "--clients", "100", "--data", "synthetic:rows=1000,features=5",
-                     "--iters", "20", "--out", str(out))
+    proc = clip21mpi(
+        4,
+        "--clients",
+        "100",
+        "--data",
+        "synthetic:rows=1000,features=5",
+        "--iters",
+        "20",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("max_iters: clip21 after 20 iterations") == 1
     log = read_log(out)
@@ -75,7 +107,8 @@ def test_more_clients_than_ranks_and_a_summary_once(tmp_path):
 
 def test_an_exception_on_one_rank_aborts_the_job(tmp_path):
     script = tmp_path / "boom.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import numpy as np
         from clip21mpi.comm import World, install_abort_on_error
         world = World()
@@ -84,7 +117,8 @@ def test_an_exception_on_one_rank_aborts_the_job(tmp_path):
             raise RuntimeError("rank one is broken")
         world.sum_in_place(np.zeros(1))   # the others wait here
         print("unreachable")
-    """))
+    """)
+    )
     proc = launch(3, [str(script)])
     assert proc.returncode != 0
     assert "unreachable" not in proc.stdout
@@ -95,7 +129,8 @@ def test_an_exception_on_one_rank_aborts_the_job(tmp_path):
 def test_a_failure_inside_the_loop_is_logged_and_reported_once(tmp_path):
     out = tmp_path / "failed.h5"
     script = tmp_path / "fail_in_loop.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         from clip21mpi.comm import World
         from clip21mpi.config import RunConfig
@@ -119,12 +154,16 @@ def test_a_failure_inside_the_loop_is_logged_and_reported_once(tmp_path):
             if world.rank == 0:
                 print("ERROR", err)
             sys.exit(1)
-    """))
+    """)
+    )
     proc = launch(3, [str(script)])
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.count("ERROR") == 1
     assert "rank 2 failed at iteration 5: FloatingPointError: bad shard" in proc.stdout
     log = read_log(out)
     assert log["attrs"]["status"] == "failed"
-    assert log["attrs"]["message"] == "rank 2 failed at iteration 5: FloatingPointError: bad shard"
+    assert (
+        log["attrs"]["message"]
+        == "rank 2 failed at iteration 5: FloatingPointError: bad shard"
+    )
     assert list(log["metrics"]["iteration"]) == [0, 1, 2, 3, 4]  # completed rows

@@ -79,7 +79,7 @@ def test_error_feedback_identity():
     for k in range(30):
         grads = rng.standard_normal((n, d)) * 3
         before = state.g_local.copy()
-        C, active = method.client_round(grads, state, first=k == 0)
+        C, _active = method.client_round(grads, state, first=k == 0)
         np.testing.assert_array_equal(state.g_local, before + C)
         np.testing.assert_allclose(C, clip_rows(grads - before, 0.3)[0])
         method.server_round(state, C.mean(axis=0))

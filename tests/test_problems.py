@@ -21,7 +21,9 @@ def make_objectives(problem, reg, sparse, seed=0, lam=0.1):
     loss = LOSSES[problem]
     b = np.where(rng.random(m) < 0.5, *loss.labels[::-1])
     offsets = np.array([0, 7, 20, 21, 40])
-    return ClientObjectives(loss, make_regulariser(reg, lam), ClientDesign(A, offsets), b)
+    return ClientObjectives(
+        loss, make_regulariser(reg, lam), ClientDesign(A, offsets), b
+    )
 
 
 def dense_rows(obj, i):
@@ -43,7 +45,7 @@ CASES = [
 def test_gradients_match_finite_differences(problem, reg, sparse):
     obj = make_objectives(problem, reg, sparse)
     x = np.random.default_rng(3).standard_normal(obj.dim)
-    values, grads = obj.values_and_grads(x)
+    _values, grads = obj.values_and_grads(x)
     np.testing.assert_allclose(obj.grads(x), grads, rtol=1e-14, atol=1e-16)
     h = 1e-6
     for l in range(obj.dim):
@@ -58,7 +60,11 @@ def test_values_match_the_definition(problem, reg, sparse):
     obj = make_objectives(problem, reg, sparse)
     x = np.random.default_rng(4).standard_normal(obj.dim)
     lam = 0.1
-    r = {"none": 0.0, "l2": lam / 2 * x @ x, "nonconvex": lam * np.sum(x**2 / (1 + x**2))}
+    r = {
+        "none": 0.0,
+        "l2": lam / 2 * x @ x,
+        "nonconvex": lam * np.sum(x**2 / (1 + x**2)),
+    }
     for i, value in enumerate(obj.values(x)):
         A, b = dense_rows(obj, i)
         z = A @ x
@@ -100,7 +106,9 @@ def test_smoothness_constants_bound_gradient_changes(problem, reg, sparse):
     rng = np.random.default_rng(5)
     for _ in range(200):
         x, y = rng.standard_normal((2, obj.dim)) * rng.uniform(0.01, 3)
-        ratio = np.linalg.norm(obj.grads(x) - obj.grads(y), axis=1) / np.linalg.norm(x - y)
+        ratio = np.linalg.norm(obj.grads(x) - obj.grads(y), axis=1) / np.linalg.norm(
+            x - y
+        )
         assert np.all(ratio <= L_i * (1 + 1e-12))
     # For the logistic loss the data term of L_i is lambda_max(A_i^T A_i)/(4 m_i).
     if problem == "logreg" and reg == "none":
@@ -199,8 +207,12 @@ def test_malformed_libsvm_names_file_and_line(tmp_path, line, reason):
 
 
 def test_synthetic_data_is_seeded_and_heterogeneous():
-    a = load_dataset("synthetic:rows=300,features=4,heterogeneity=2", seed=1, n_clients=3)
-    b = load_dataset("synthetic:rows=300,features=4,heterogeneity=2", seed=1, n_clients=3)
+    a = load_dataset(
+        "synthetic:rows=300,features=4,heterogeneity=2", seed=1, n_clients=3
+    )
+    b = load_dataset(
+        "synthetic:rows=300,features=4,heterogeneity=2", seed=1, n_clients=3
+    )
     np.testing.assert_array_equal(a.features, b.features)
     assert set(np.unique(a.labels)) == {-1.0, 1.0}
     means = [a.features[i * 100 : (i + 1) * 100].mean(axis=0) for i in range(3)]
