@@ -92,29 +92,58 @@ def _setup_logging(rank: int, verbose: int, quiet: bool) -> None:
     root.setLevel(level)
 
 
+_LAUNCHERS = ("mpiexec", "mpirun", "hydra", "orterun", "prterun", "prted", "srun")
+
+
+def _reaches_terminal(stream) -> bool:
+    """Whether ``stream`` ends on a terminal, also through an MPI launcher.
+
+    Under ``mpiexec`` a rank writes into a pipe that the launcher copies to
+    its own stderr; the bar is shown when that is a terminal (Linux only).
+    """
+    if stream.isatty():
+        return True
+    pid = os.getppid()
+    for _ in range(3):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
+            target = os.readlink(f"/proc/{pid}/fd/2")
+        except OSError:
+            return False
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        if name.startswith(_LAUNCHERS) and target.startswith(("/dev/pts/", "/dev/tty")):
+            return True
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+    return False
+
+
 class Progress:
-    """Progress on rank 0: a bar on a terminal, a log line every ``every`` s otherwise."""
+    """Progress on rank 0: a bar on a terminal, a log line every ``every`` s otherwise.
+
+    The bar goes to stdout, ahead of the summary in the same stream, so the
+    two never interleave under an MPI launcher.
+    """
 
     def __init__(self, total: int, stream=None, every: float = 10.0):
         self.total = max(total, 1)
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.stream = stream or sys.stdout
+        self.tty = _reaches_terminal(self.stream)
         self.every = 0.1 if self.tty else every
         self.last = time.perf_counter()
+        self.shown = None
         self.log = logging.getLogger("clip21mpi.progress")
 
     def __call__(self, k: int, grad_norm_sq: float) -> None:
         now = time.perf_counter()
         if now - self.last < self.every:
+            self.shown = None if self.shown is None else (k, grad_norm_sq)
             return
         self.last = now
         share = min(k / self.total, 1.0)
         if self.tty:
-            bar = "#" * int(30 * share)
-            self.stream.write(
-                f"\r[{bar:<30}] {k}/{self.total}  ||grad f||^2 = {grad_norm_sq:.3e}"
-            )
-            self.stream.flush()
+            self.shown = (k, grad_norm_sq)
+            self._draw(k, grad_norm_sq)
         else:
             self.log.info(
                 "iteration %d/%d (%.0f%%): ||grad f||^2 = %.3e",
@@ -124,8 +153,17 @@ class Progress:
                 grad_norm_sq,
             )
 
+    def _draw(self, k: int, grad_norm_sq: float) -> None:
+        bar = "#" * int(30 * min(k / self.total, 1.0))
+        self.stream.write(
+            f"\r[{bar:<30}] {k}/{self.total}  ||grad f||^2 = {grad_norm_sq:.3e}"
+        )
+        self.stream.flush()
+
     def close(self) -> None:
-        if self.tty:
+        """End the bar on the last iteration it was told of."""
+        if self.shown is not None:
+            self._draw(*self.shown)
             self.stream.write("\n")
             self.stream.flush()
 

@@ -391,7 +391,7 @@ def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> Ru
             x,
             {"iterations": k, "wall_time_total": wall_time, "message": message},
         )
-        logger.info(
+        logger.debug(
             "%s after %d iterations: ||grad f||^2 = %.3e, %.2f s, log %s",
             status,
             k,
