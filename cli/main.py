@@ -264,7 +264,7 @@ def cli():
     type=float,
     default=DEFAULTS.tol,
     show_default=True,
-    help="Stop when ||grad f||^2 <= tol (0: never).",
+    help="Stop when ||grad f||^2 <= tol (0: only at an exact zero).",
 )
 @click.option(
     "--eval-every",
@@ -313,7 +313,9 @@ def run(verbose, quiet, **options):
     if world.is_root and not quiet:
         progress = Progress(setup.config.iters)
     try:
-        result = run_method(setup, world, progress, shlex.join(sys.argv))
+        argv = click.get_current_context().find_root().obj or {}
+        command = shlex.join(argv.get("argv") or sys.argv)
+        result = run_method(setup, world, progress, command)
     except RunFailed as err:
         if world.is_root:
             click.echo(f"Error: {err}", err=True)
@@ -333,7 +335,12 @@ def run(verbose, quiet, **options):
 def main(argv=None) -> None:
     """Entry point: click errors are shown once (by rank 0), with exit code 2."""
     try:
-        rv = cli.main(args=argv, prog_name="clip21mpi", standalone_mode=False)
+        rv = cli.main(
+            args=argv,
+            prog_name="clip21mpi",
+            standalone_mode=False,
+            obj={"argv": None if argv is None else ["clip21mpi", *argv]},
+        )
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
     except click.ClickException as err:

@@ -95,7 +95,7 @@ def prepare(config: RunConfig, rank: int, size: int) -> LocalSetup:
         dataset = load_dataset(cfg.data, cfg.seed, cfg.clients)
         labels = map_labels(dataset.labels, loss.labels, dataset.source)
     except DataError as err:
-        raise ConfigError("--data", str(err)) from err
+        raise ConfigError("--data", f"--data: {err}") from err
     if cfg.clients > dataset.n_rows:
         raise ConfigError(
             "--clients",
@@ -235,6 +235,18 @@ class _Outcome:
     bits_sent: float
 
 
+def _loss_at(obj, x, world, n) -> float:
+    """Return f(x) (NaN if a rank cannot evaluate it); a collective."""
+    pair = np.zeros(2)
+    try:
+        with np.errstate(all="ignore"):
+            pair[0] = obj.values(x).sum()
+    except Exception:  # noqa: BLE001 - a diagnostic only; NaN says it failed
+        pair[1] = 1.0
+    world.sum_in_place(pair)
+    return float("nan") if pair[1] else pair[0] / n
+
+
 def _iterate(cfg, obj, method, world, gamma, x, metrics, progress, t0) -> _Outcome:
     """The iterations, from x^0 until a stop; one collective per iteration."""
     d, n, n_local = obj.dim, cfg.clients, obj.n_local
@@ -275,10 +287,20 @@ def _iterate(cfg, obj, method, world, gamma, x, metrics, progress, t0) -> _Outco
         if buf[FAILED] > 0:
             status = "failed"
             break
-        grad_mean = grad_sum / n
-        gns = float(grad_mean @ grad_mean)
-        loss = buf[LOSS] / n if evaluate else float("nan")
+        with np.errstate(over="ignore", invalid="ignore"):
+            grad_mean = grad_sum / n
+            gns = float(grad_mean @ grad_mean)
         clip_fraction = buf[ACTIVE] / n
+        if not np.isfinite(buf[: LOSS + 1]).all() or not np.isfinite(gns):
+            status = "diverged"
+        elif gns <= cfg.tol:
+            status = "converged"
+        elif k == cfg.iters:
+            status = "max_iters"
+        loss = buf[LOSS] / n
+        if not evaluate:
+            # The last row always has its loss: one more sum, once per run.
+            loss = _loss_at(obj, x, world, n) if status != "running" else np.nan
         now = time.perf_counter()
         metrics.add(
             k,
@@ -291,14 +313,7 @@ def _iterate(cfg, obj, method, world, gamma, x, metrics, progress, t0) -> _Outco
         )
         if progress is not None:
             progress(k, gns)
-        if not np.isfinite(buf[: LOSS + 1]).all():
-            status = "diverged"
-            break
-        if gns <= cfg.tol:
-            status = "converged"
-            break
-        if k == cfg.iters:
-            status = "max_iters"
+        if status != "running":
             break
 
         method.server_round(state, msg_sum / n)
