@@ -4,7 +4,8 @@
 
 * a path to a LibSVM file (``.gz`` and ``.bz2`` are read as such);
 * a bundled dataset name: ``breast_cancer`` (scikit-learn's copy, 569 rows,
-  30 features, each feature standardised to mean 0 and variance 1);
+  30 features, each feature standardised to mean 0 and variance 1) or
+  ``digits`` (1797 8x8 images of 10 digits, pixels scaled to [0, 1]);
 * ``synthetic`` or ``synthetic:rows=2000,features=20,heterogeneity=1.0``:
   Gaussian rows generated in client blocks. Block ``i`` has features
   ``N(h mu_i, I)`` and labels ``sign(a^T (w + h v_i))``, so ``h``
@@ -24,9 +25,16 @@ import scipy.sparse as sp
 
 from clip21mpi.streams import stream
 
-__all__ = ["BUNDLED", "DataError", "Dataset", "load_dataset", "map_labels"]
+__all__ = [
+    "BUNDLED",
+    "DataError",
+    "Dataset",
+    "class_indices",
+    "load_dataset",
+    "map_labels",
+]
 
-BUNDLED = ("breast_cancer",)
+BUNDLED = ("breast_cancer", "digits")
 SYNTHETIC_DEFAULTS = {"rows": 2000, "features": 20, "heterogeneity": 1.0}
 
 
@@ -78,9 +86,12 @@ def load_dataset(spec: str, seed: int = 0, n_clients: int = 1) -> Dataset:
 
 
 def _load_bundled(name: str) -> Dataset:
-    from sklearn.datasets import load_breast_cancer
+    from sklearn import datasets
 
-    X, y = load_breast_cancer(return_X_y=True)
+    if name == "digits":
+        X, y = datasets.load_digits(return_X_y=True)
+        return Dataset(name, name, X / 16.0, y.astype(np.float64))
+    X, y = datasets.load_breast_cancer(return_X_y=True)
     X = (X - X.mean(axis=0)) / X.std(axis=0)
     return Dataset(name, name, X, y.astype(np.float64))
 
@@ -214,3 +225,19 @@ def map_labels(
             f"{values.size} ({shown})"
         )
     return np.where(labels == values[1], target[1], target[0])
+
+
+def class_indices(labels: np.ndarray, source: str) -> tuple[np.ndarray, int]:
+    """Return each row's class index (0..C-1, by sorted label) and C.
+
+    Raises:
+        DataError: if there are fewer than two classes.
+
+    Example:
+        >>> class_indices(np.array([5.0, 3.0, 5.0, 9.0]), "x")
+        (array([1, 0, 1, 2]), 3)
+    """
+    values, index = np.unique(labels, return_inverse=True)
+    if values.size < 2:
+        raise DataError(f"classification needs two or more classes; {source} has one")
+    return index, values.size

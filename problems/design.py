@@ -51,6 +51,7 @@ class ClientDesign:
         self.row_client = np.repeat(np.arange(self.n_local), counts)
         self.row_weight = 1.0 / counts[self.row_client]
         self._starts = offsets[:-1]
+        self._BT = None
         if self.sparse:
             self._B = self._client_scatter_matrix()
         else:
@@ -71,6 +72,14 @@ class ClientDesign:
     def margins(self, x: np.ndarray) -> np.ndarray:
         """Return ``z = A x``, one margin per row."""
         return self.A @ x
+
+    def margins_at(self, X: np.ndarray) -> np.ndarray:
+        """Return ``z_j = a_j^T x_i`` with one point ``X[i]`` per client ``i``."""
+        if self.sparse:
+            if self._BT is None:
+                self._BT = self._B.T.tocsr()
+            return self._BT @ X.ravel()
+        return np.einsum("jl,jl->j", self.A, X[self.row_client])
 
     def client_sums(self, s: np.ndarray) -> np.ndarray:
         """Return the ``(n_local, d)`` array of ``sum_{j in i} s_j a_j``."""

@@ -136,13 +136,14 @@ class Regulariser:
             return 2.0 * self.lam
         return 0.0
 
-    def value(self, x: np.ndarray) -> float:
+    def value(self, x: np.ndarray):
+        """Return ``r(x)``; for a stack of points ``(n, d)``, one value each."""
         if self.name == "l2":
-            return 0.5 * self.lam * float(x @ x)
+            return 0.5 * self.lam * np.sum(x * x, axis=-1)
         if self.name == "nonconvex":
             x2 = x * x
-            return self.lam * float(np.sum(x2 / (1.0 + x2)))
-        return 0.0
+            return self.lam * np.sum(x2 / (1.0 + x2), axis=-1)
+        return np.zeros(x.shape[:-1]) if x.ndim > 1 else 0.0
 
     def grad(self, x: np.ndarray) -> np.ndarray:
         if self.name == "l2":

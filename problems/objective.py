@@ -41,23 +41,47 @@ class ClientObjectives:
         self.n_local = design.n_local
         self.dim = design.n_features
 
+    def _margins(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 2:
+            return self.design.margins_at(x)
+        return self.design.margins(x)
+
     def grads(self, x: np.ndarray) -> np.ndarray:
-        """Return the ``(n_local, d)`` gradients ``grad f_i(x)``."""
-        z = self.design.margins(x)
-        s = self.loss.derivative(z, self.labels) * self.design.row_weight
+        """Return the ``(n_local, d)`` gradients ``grad f_i(x_i)``.
+
+        ``x`` is one point ``(d,)`` for every client, or one point per
+        client ``(n_local, d)``.
+        """
+        s = self.loss.derivative(self._margins(x), self.labels) * self.design.row_weight
         return self.design.client_sums(s) + self.reg.grad(x)
 
     def values_and_grads(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return the ``(n_local,)`` values ``f_i(x)`` and the gradients."""
-        z = self.design.margins(x)
-        phi, dphi = self.loss.value_and_derivative(z, self.labels)
+        """Return the ``(n_local,)`` values ``f_i(x_i)`` and the gradients."""
+        phi, dphi = self.loss.value_and_derivative(self._margins(x), self.labels)
         w = self.design.row_weight
         values = self.design.client_totals(phi * w) + self.reg.value(x)
         return values, self.design.client_sums(dphi * w) + self.reg.grad(x)
 
     def values(self, x: np.ndarray) -> np.ndarray:
-        """Return the ``(n_local,)`` values ``f_i(x)``."""
+        """Return the ``(n_local,)`` values ``f_i(x_i)``."""
         return self.values_and_grads(x)[0]
+
+    @property
+    def rows_per_client(self) -> np.ndarray:
+        return self.design.counts
+
+    def subset(self, rows: np.ndarray, offsets: np.ndarray) -> "ClientObjectives":
+        """Return the objectives on local ``rows`` only (minibatches).
+
+        ``rows`` are local row indices, client after client, and ``offsets``
+        cut them into the clients' blocks.
+        """
+        design = ClientDesign(self.design.A[rows], offsets)
+        return ClientObjectives(self.loss, self.reg, design, self.labels[rows])
+
+    def gram_sum(self) -> np.ndarray | None:
+        """Return this rank's part of ``sum_i A_i^T A_i / m_i`` (None if d is large)."""
+        return self.design.weighted_gram_sum()
 
     def smoothness(self) -> np.ndarray:
         """Return ``L_i = curvature(phi) lambda_max(A_i^T A_i) / m_i + L_r``."""
