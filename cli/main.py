@@ -190,13 +190,15 @@ def cli():
     "--problem",
     default=DEFAULTS.problem,
     show_default=True,
-    help="Loss: logreg (logistic) or nls (nonlinear least squares).",
+    help="logreg (logistic), nls (nonlinear least squares) or mlp (a "
+    "one-hidden-layer network with softmax cross-entropy).",
 )
 @click.option(
     "--reg",
     default=DEFAULTS.reg,
     show_default=True,
-    help="Regulariser: none, l2 (lam/2 ||x||^2) or nonconvex (lam sum x^2/(1+x^2)).",
+    help="Regulariser: none, l2 (lam/2 ||x||^2), nonconvex (lam sum x^2/(1+x^2)) "
+    "or auto (nonconvex; none for mlp).",
 )
 @click.option(
     "--lam",
@@ -228,7 +230,8 @@ def cli():
     "--method",
     default=DEFAULTS.method,
     show_default=True,
-    help="gd, clip-gd, clip21 or ef21.",
+    help="gd, clip-gd, clip-sgd, clip21, clip21-sgd, press-clip21, ef21, "
+    "clip21-sgd2m, normec or clip-fedavg (see the README).",
 )
 @click.option(
     "--tau",
@@ -243,7 +246,7 @@ def cli():
     type=int,
     default=DEFAULTS.k,
     show_default=True,
-    help="Top-k coordinates per message (ef21).",
+    help="Top-k coordinates per message (ef21, press-clip21).",
 )
 @click.option(
     "--step-size",
@@ -284,13 +287,95 @@ def cli():
     "--x0",
     default=DEFAULTS.x0,
     show_default=True,
-    help="Starting point: zeros or normal (N(0, I), seeded).",
+    help="Starting point: zeros, normal (N(0, I), seeded), or auto (zeros; "
+    "Glorot-uniform weights for mlp).",
 )
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
     help="HDF5 log (default: runs/<method>-<problem>-<data>-<time>.h5).",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Rows per client and step: stochastic gradients (default: all rows).",
+)
+@click.option(
+    "--noise-sigma",
+    type=float,
+    default=DEFAULTS.noise_sigma,
+    show_default=True,
+    help="Std of the Gaussian noise each client adds to its message.",
+)
+@click.option(
+    "--epsilon",
+    type=float,
+    default=None,
+    help="Privacy target for the whole run: calibrates --noise-sigma.",
+)
+@click.option(
+    "--delta",
+    type=float,
+    default=DEFAULTS.delta,
+    show_default=True,
+    help="The delta of (epsilon, delta)-DP.",
+)
+@click.option(
+    "--neighbouring",
+    default=DEFAULTS.neighbouring,
+    show_default=True,
+    help="Neighbouring relation of clients: add-remove (sensitivity = bound) or "
+    "replace (2 x bound).",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=DEFAULTS.alpha,
+    show_default=True,
+    help="normec: the shift in v / (alpha + ||v||).",
+)
+@click.option(
+    "--beta",
+    type=float,
+    default=None,
+    help="clip21-sgd2m: momentum weight (default 0.1); normec: feedback weight "
+    "(default 1).",
+)
+@click.option(
+    "--beta-hat",
+    type=float,
+    default=None,
+    help="clip21-sgd2m: feedback weight (default: --beta).",
+)
+@click.option(
+    "--local-steps",
+    type=int,
+    default=DEFAULTS.local_steps,
+    show_default=True,
+    help="clip-fedavg: local steps per round.",
+)
+@click.option(
+    "--local-step-size",
+    type=StepSize(),
+    default=DEFAULTS.local_step_size,
+    show_default=True,
+    help="clip-fedavg: local step size, or auto (1/L).",
+)
+@click.option(
+    "--server-step-size",
+    type=float,
+    default=DEFAULTS.server_step_size,
+    show_default=True,
+    help="clip-fedavg: server step size.",
+)
+@click.option(
+    "--hidden",
+    type=int,
+    default=DEFAULTS.hidden,
+    show_default=True,
+    help="mlp: hidden units.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("-v", "--verbose", count=True, help="More output (-vv: every rank).")

@@ -14,12 +14,15 @@ import os
 from dataclasses import dataclass
 
 from clip21mpi.methods import METHODS
+from clip21mpi.privacy import RELATIONS
 from problems.losses import LOSSES, REGULARISERS
 from problems.split import SPLITS
 
-__all__ = ["X0_CHOICES", "ConfigError", "RunConfig", "suggest"]
+__all__ = ["PROBLEMS", "X0_CHOICES", "ConfigError", "RunConfig", "suggest"]
 
-X0_CHOICES = ("zeros", "normal")
+X0_CHOICES = ("auto", "zeros", "normal")
+PROBLEMS = (*LOSSES, "mlp")
+BOUNDED_OPERATORS = ("clip", "clip-topk", "normalize")
 
 
 class ConfigError(ValueError):
@@ -42,7 +45,7 @@ class RunConfig:
     """Every setting of one run (see ``clip21mpi run --help``)."""
 
     problem: str = "logreg"
-    reg: str = "nonconvex"
+    reg: str = "auto"
     lam: float = 0.1
     data: str = "breast_cancer"
     clients: int | None = None
@@ -55,9 +58,25 @@ class RunConfig:
     tol: float = 0.0
     eval_every: int = 1
     seed: int = 0
-    x0: str = "zeros"
+    x0: str = "auto"
     out: str | None = None
     overwrite: bool = False
+    batch_size: int | None = None
+    noise_sigma: float = 0.0
+    epsilon: float | None = None
+    delta: float = 1e-5
+    neighbouring: str = "add-remove"
+    alpha: float = 0.01
+    beta: float | None = None
+    beta_hat: float | None = None
+    local_steps: int = 5
+    local_step_size: float | str = "auto"
+    server_step_size: float = 1.0
+    hidden: int = 32
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise_sigma > 0 or self.epsilon is not None
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -67,11 +86,13 @@ class RunConfig:
 
     def validate(self, n_ranks: int = 1) -> RunConfig:
         """Return the config with ``clients`` resolved, or raise ConfigError."""
-        _choice("--problem", self.problem, LOSSES)
-        _choice("--reg", self.reg, REGULARISERS)
+        _choice("--problem", self.problem, PROBLEMS)
+        _choice("--reg", self.reg, ("auto", *REGULARISERS))
         _choice("--method", self.method, METHODS)
         _choice("--split", self.split, SPLITS)
         _choice("--x0", self.x0, X0_CHOICES)
+        _choice("--neighbouring", self.neighbouring, RELATIONS)
+        _validate_family(self)
         if not (math.isfinite(self.lam) and self.lam >= 0):
             raise ConfigError("--lam", f"--lam must be >= 0, got {self.lam!r}")
         if not (math.isfinite(self.tau) and self.tau > 0):
@@ -116,7 +137,78 @@ class RunConfig:
                 f"the log {self.out!r} exists; pass --overwrite to replace it "
                 "or choose another --out",
             )
-        return self.replace(clients=clients)
+        reg = self.reg
+        if reg == "auto":
+            # The EF21 and Clip21 experiments' regulariser; none for the network.
+            reg = "none" if self.problem == "mlp" else "nonconvex"
+        return self.replace(clients=clients, reg=reg)
+
+
+def _positive(option: str, value, what: str = "a number > 0") -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(option, f"{option} must be {what}, got {value!r}")
+
+
+def _unit_interval(option: str, value) -> None:
+    if value is not None and not (0 < value <= 1):
+        raise ConfigError(option, f"{option} must be in (0, 1], got {value!r}")
+
+
+def _validate_family(cfg: RunConfig) -> None:
+    """Checks of the options of the methods beyond GD (run by ``validate``)."""
+    spec = METHODS[cfg.method]
+    if cfg.batch_size is not None:
+        _positive("--batch-size", cfg.batch_size, "a whole number >= 1")
+    elif spec.estimator == "minibatch":
+        raise ConfigError(
+            "--batch-size",
+            f"--method {cfg.method} needs --batch-size (rows per client and step)",
+        )
+    if not (math.isfinite(cfg.noise_sigma) and cfg.noise_sigma >= 0):
+        raise ConfigError(
+            "--noise-sigma", f"--noise-sigma must be >= 0, got {cfg.noise_sigma!r}"
+        )
+    if cfg.epsilon is not None:
+        _positive("--epsilon", cfg.epsilon)
+        if cfg.noise_sigma > 0:
+            raise ConfigError(
+                "--epsilon",
+                "pass --noise-sigma or --epsilon, not both: --epsilon calibrates sigma",
+            )
+    if not 0 < cfg.delta < 1:
+        raise ConfigError("--delta", f"--delta must be in (0, 1), got {cfg.delta!r}")
+    bounded = spec.operator in BOUNDED_OPERATORS and spec.first_operator is None
+    if cfg.noisy and not bounded:
+        valid = [
+            name
+            for name, s in METHODS.items()
+            if s.operator in BOUNDED_OPERATORS and s.first_operator is None
+        ]
+        raise ConfigError(
+            "--method",
+            f"--method {cfg.method} sends messages of unbounded norm, so noise "
+            f"gives no privacy guarantee; with --noise-sigma or --epsilon use one "
+            f"of {', '.join(valid)}",
+        )
+    if not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):
+        raise ConfigError("--alpha", f"--alpha must be >= 0, got {cfg.alpha!r}")
+    _unit_interval("--beta", cfg.beta)
+    _unit_interval("--beta-hat", cfg.beta_hat)
+    _positive("--local-steps", cfg.local_steps, "a whole number >= 1")
+    if cfg.local_step_size != "auto":
+        _positive("--local-step-size", cfg.local_step_size, "a number > 0 or 'auto'")
+    _positive("--server-step-size", cfg.server_step_size)
+    _positive("--hidden", cfg.hidden, "a whole number >= 1")
+    if cfg.problem == "mlp":
+        # The step that 'auto' would set: the local one for local-step methods.
+        local = spec.estimator == "local-steps"
+        option = "--local-step-size" if local else "--step-size"
+        if (cfg.local_step_size if local else cfg.step_size) == "auto":
+            raise ConfigError(
+                option,
+                f"{option} auto needs a smoothness constant, which --problem mlp "
+                f"does not have; pass a number, e.g. {option} 0.5",
+            )
 
 
 def _choice(option: str, value: str, valid) -> None:

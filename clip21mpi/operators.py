@@ -8,6 +8,9 @@ one message costs:
 * dense messages: ``64 d`` (float64 values);
 * Top-k messages: ``k (64 + 32)`` (float64 values and int32 indices),
   or ``64 d`` when ``k = d`` (a dense vector needs no indices).
+
+An operator whose messages have a bounded norm says so (``norm_bound``):
+that bound is what differential privacy calibrates its noise to.
 """
 
 from __future__ import annotations
@@ -53,9 +56,25 @@ def top_k_rows(V: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return C, active
 
 
+def normalize_rows(V: np.ndarray, alpha: float) -> np.ndarray:
+    """Return ``v / (alpha + ||v||)`` for every row ``v`` of ``V`` (0 for v = 0).
+
+    Example:
+        >>> normalize_rows(np.array([[3.0, 4.0], [0.0, 0.0]]), 0.0).round(12).tolist()
+        [[0.6, 0.8], [0.0, 0.0]]
+    """
+    norms = np.sqrt(np.einsum("ij,ij->i", V, V))
+    denom = alpha + norms
+    scale = np.zeros_like(norms)
+    np.divide(1.0, denom, out=scale, where=denom > 0)
+    return V * scale[:, None]
+
+
 @dataclass(frozen=True)
 class Identity:
     """The message is the vector itself."""
+
+    norm_bound = None
 
     def __call__(self, V):
         return V, np.zeros(V.shape[0], dtype=bool)
@@ -70,6 +89,10 @@ class Clip:
 
     tau: float
 
+    @property
+    def norm_bound(self) -> float:
+        return self.tau
+
     def __call__(self, V):
         return clip_rows(V, self.tau)
 
@@ -83,6 +106,8 @@ class TopK:
 
     k: int
 
+    norm_bound = None
+
     def __call__(self, V):
         return top_k_rows(V, self.k)
 
@@ -90,3 +115,45 @@ class TopK:
         if self.k >= d:
             return VALUE_BITS * d
         return self.k * (VALUE_BITS + INDEX_BITS)
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """Smoothed normalisation ``v / (alpha + ||v||)``; active where v != 0.
+
+    Messages have norm below 1 (exactly 1 for ``alpha = 0``).
+    """
+
+    alpha: float
+
+    norm_bound = 1.0
+
+    def __call__(self, V):
+        return normalize_rows(V, self.alpha), np.any(V != 0, axis=1)
+
+    def bits(self, d: int) -> int:
+        return VALUE_BITS * d
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Apply ``first`` then ``then`` (e.g. clip, then Top-k).
+
+    Active where ``first`` is active; the bits are those of ``then``; the
+    norm bound is the smaller one (Top-k and clipping never increase a norm).
+    """
+
+    first: object
+    then: object
+
+    @property
+    def norm_bound(self):
+        bounds = [b for b in (self.first.norm_bound, self.then.norm_bound) if b]
+        return min(bounds) if bounds else None
+
+    def __call__(self, V):
+        C, active = self.first(V)
+        return self.then(C)[0], active
+
+    def bits(self, d: int) -> int:
+        return self.then.bits(d)

@@ -23,9 +23,10 @@ from clip21mpi import __version__
 from clip21mpi.comm import World, mpi_versions
 from clip21mpi.config import ConfigError, RunConfig
 from clip21mpi.methods import METHODS, Method, auto_step_size
+from clip21mpi.privacy import GaussianPrivacy, calibrate_noise_sigma
 from clip21mpi.runlog import METRICS, RunLog
 from clip21mpi.streams import stream
-from problems.data import DataError, load_dataset, map_labels
+from problems.data import DataError, class_indices, load_dataset, map_labels
 from problems.design import ClientDesign
 from problems.losses import LOSSES, make_regulariser
 from problems.objective import ClientObjectives
@@ -54,7 +55,7 @@ class LocalSetup:
     rank: int
     size: int
     clients: range
-    objectives: ClientObjectives
+    objectives: object  # ClientObjectives or MLPObjectives
     dataset_name: str
     n_rows: int
     dim: int
@@ -62,7 +63,7 @@ class LocalSetup:
 
 @dataclass
 class RunResult:
-    """The outcome of a run, identical on every rank (``path`` aside)."""
+    """The outcome of a run, identical on every rank."""
 
     status: str
     iterations: int
@@ -74,12 +75,28 @@ class RunResult:
     wall_time: float
     clip_fraction: float
     bits_sent: float
-    smoothness: float = 0.0
+    smoothness: float = float("nan")
+    noise_sigma: float = 0.0
+    epsilon: float | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.status]
+
+
+def _build_objectives(cfg, dataset, rows, local_offsets):
+    """Return the objectives of the local clients, rows ``rows``."""
+    reg = make_regulariser(cfg.reg, cfg.lam)
+    design = ClientDesign(dataset.features[rows], local_offsets)
+    if cfg.problem == "mlp":
+        from problems.mlp import MLPObjectives
+
+        classes, n_classes = class_indices(dataset.labels, dataset.source)
+        return MLPObjectives(design, classes[rows], n_classes, cfg.hidden, reg)
+    loss = LOSSES[cfg.problem]
+    labels = map_labels(dataset.labels, loss.labels, dataset.source)
+    return ClientObjectives(loss, reg, design, labels[rows])
 
 
 def prepare(config: RunConfig, rank: int, size: int) -> LocalSetup:
@@ -89,35 +106,38 @@ def prepare(config: RunConfig, rank: int, size: int) -> LocalSetup:
         ConfigError: a bad option, naming it.
     """
     cfg = config.validate(size)
-    loss = LOSSES[cfg.problem]
-    reg = make_regulariser(cfg.reg, cfg.lam)
+    spec = METHODS[cfg.method]
     try:
         dataset = load_dataset(cfg.data, cfg.seed, cfg.clients)
-        labels = map_labels(dataset.labels, loss.labels, dataset.source)
+        if cfg.clients > dataset.n_rows:
+            raise ConfigError(
+                "--clients",
+                f"--clients {cfg.clients} exceeds the {dataset.n_rows} rows of "
+                f"{dataset.source}; every client needs a row",
+            )
+        mine = rank_clients(cfg.clients, size, rank)
+        order = row_order(cfg.split, dataset.labels, cfg.seed)
+        offsets = client_offsets(dataset.n_rows, cfg.clients)
+        rows = order[offsets[mine.start] : offsets[mine.stop]]
+        local_offsets = offsets[mine.start : mine.stop + 1] - offsets[mine.start]
+        objectives = _build_objectives(cfg, dataset, rows, local_offsets)
     except DataError as err:
         raise ConfigError("--data", f"--data: {err}") from err
-    if cfg.clients > dataset.n_rows:
+
+    fewest = int(np.diff(offsets).min())
+    if cfg.batch_size is not None and cfg.batch_size > fewest:
         raise ConfigError(
-            "--clients",
-            f"--clients {cfg.clients} exceeds the {dataset.n_rows} rows of "
-            f"{dataset.source}; every client needs a row",
+            "--batch-size",
+            f"--batch-size {cfg.batch_size} exceeds the {fewest} rows of the "
+            f"smallest client; pass at most {fewest} or fewer --clients",
         )
-    if METHODS[cfg.method].operator == "topk" and cfg.k > dataset.n_features:
+    if "topk" in spec.operator and cfg.k > objectives.dim:
         raise ConfigError(
             "--k",
-            f"--k {cfg.k} exceeds the {dataset.n_features} features of "
-            f"{dataset.source}; pass 1 <= k <= {dataset.n_features}",
+            f"--k {cfg.k} exceeds the {objectives.dim} coordinates of the "
+            f"{cfg.problem} model on {dataset.source}; pass 1 <= k <= "
+            f"{objectives.dim}",
         )
-
-    mine = rank_clients(cfg.clients, size, rank)
-    order = row_order(cfg.split, labels, cfg.seed)
-    offsets = client_offsets(dataset.n_rows, cfg.clients)
-    rows = order[offsets[mine.start] : offsets[mine.stop]]
-    design = ClientDesign(
-        dataset.features[rows],
-        offsets[mine.start : mine.stop + 1] - offsets[mine.start],
-    )
-    objectives = ClientObjectives(loss, reg, design, labels[rows])
     return LocalSetup(
         cfg,
         rank,
@@ -126,7 +146,7 @@ def prepare(config: RunConfig, rank: int, size: int) -> LocalSetup:
         objectives,
         dataset.name,
         dataset.n_rows,
-        dataset.n_features,
+        objectives.dim,
     )
 
 
@@ -141,18 +161,26 @@ def default_log_path(cfg: RunConfig, dataset_name: str, folder: str = "runs") ->
     return path
 
 
-def _initial_point(cfg: RunConfig, dim: int) -> np.ndarray:
+def _initial_point(cfg: RunConfig, obj) -> np.ndarray:
+    rng = stream(cfg.seed, "x0")
     if cfg.x0 == "normal":
-        return stream(cfg.seed, "x0").standard_normal(dim)
-    return np.zeros(dim)
+        return rng.standard_normal(obj.dim)
+    if cfg.x0 == "auto" and hasattr(obj, "init_params"):
+        return obj.init_params(rng)
+    return np.zeros(obj.dim)
 
 
 def _smoothness(setup: LocalSetup, world: World) -> tuple[float, np.ndarray]:
-    """Return L of f and every client's L_i (setup-time collectives)."""
+    """Return L of f and every client's L_i (setup-time collectives).
+
+    NaN where the problem has no smoothness constant (the MLP).
+    """
     obj = setup.objectives
     L_local = obj.smoothness()
+    if L_local is None:
+        return float("nan"), np.full(setup.config.clients, np.nan)
     L_clients = np.concatenate(world.gather_to_all(L_local))
-    gram = obj.design.weighted_gram_sum()
+    gram = obj.gram_sum()
     if gram is None:
         # No Gram matrix for large d: lambda_max of a mean is at most the mean.
         return float(L_clients.mean()), L_clients
@@ -160,7 +188,24 @@ def _smoothness(setup: LocalSetup, world: World) -> tuple[float, np.ndarray]:
     return obj.smoothness_of_mean(gram / setup.config.clients), L_clients
 
 
-def _header(setup, cfg, world, L, L_clients, step_size, command) -> dict:
+def _privacy(cfg: RunConfig, method_bound: float, world: World):
+    """Return the run's GaussianPrivacy (None without noise); sigma from
+    ``--noise-sigma`` or calibrated to ``--epsilon`` on the root rank."""
+    if not cfg.noisy:
+        return None
+    sigma = cfg.noise_sigma
+    if cfg.epsilon is not None:
+        sigma = world.broadcast(
+            calibrate_noise_sigma(
+                cfg.epsilon, cfg.delta, cfg.iters, method_bound, cfg.neighbouring
+            )
+            if world.is_root
+            else None
+        )
+    return GaussianPrivacy(sigma, method_bound, cfg.delta, cfg.neighbouring)
+
+
+def _header(setup, cfg, world, L, L_clients, step_size, privacy, command) -> dict:
     import h5py
 
     versions = {
@@ -170,7 +215,7 @@ def _header(setup, cfg, world, L, L_clients, step_size, command) -> dict:
         "python": sys.version.split()[0],
         **mpi_versions(),
     }
-    return {
+    header = {
         "config": cfg.to_dict(),
         "command": command,
         "versions": versions,
@@ -186,10 +231,24 @@ def _header(setup, cfg, world, L, L_clients, step_size, command) -> dict:
         "step_size": step_size,
         "bits_counted": (
             "per client, protocol messages only: 64 bits per float64 value; "
-            "Top-k adds 32 bits per index"
+            "Top-k adds 32 bits per index; noisy messages are dense"
         ),
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+    if privacy is not None:
+        header.update(
+            noise_sigma=privacy.noise_sigma,
+            noise_multiplier=privacy.noise_multiplier,
+            delta=privacy.delta,
+            neighbouring=privacy.relation,
+            sensitivity=privacy.sensitivity,
+            privacy_unit="client: one client's whole dataset",
+            accountant=(
+                "PLD for the attribute epsilon (exact Gaussian composition "
+                "beyond epsilon 20: see epsilon_accountant), RDP for metrics/epsilon"
+            ),
+        )
+    return header
 
 
 class _MetricBuffer:
@@ -197,8 +256,9 @@ class _MetricBuffer:
 
     def __init__(self, log: RunLog | None):
         self.log = log
+        names = log.metrics if log is not None else ()
         self.iteration = np.empty(FLUSH_ROWS, dtype=np.int64)
-        self.columns = {m: np.empty(FLUSH_ROWS) for m in METRICS}
+        self.columns = {m: np.empty(FLUSH_ROWS) for m in names}
         self.n = 0
         self.last_flush = time.perf_counter()
 
@@ -207,8 +267,8 @@ class _MetricBuffer:
             return
         i = self.n
         self.iteration[i] = k
-        for name, value in values.items():
-            self.columns[name][i] = value
+        for name, column in self.columns.items():
+            column[i] = values[name]
         self.n += 1
         if self.n == FLUSH_ROWS or now - self.last_flush > FLUSH_SECONDS:
             self.flush()
@@ -247,16 +307,18 @@ def _loss_at(obj, x, world, n) -> float:
     return float("nan") if pair[1] else pair[0] / n
 
 
-def _iterate(cfg, obj, method, world, gamma, x, metrics, progress, t0) -> _Outcome:
+def _iterate(
+    cfg, obj, method, state, world, gamma, x, metrics, progress, epsilons, t0
+) -> _Outcome:
     """The iterations, from x^0 until a stop; one collective per iteration."""
     d, n, n_local = obj.dim, cfg.clients, obj.n_local
+    stochastic = method.estimator.stochastic
 
-    # One buffer per iteration: message sum, gradient sum, loss sum,
-    # clipped clients, bits, failed ranks.
+    # One buffer per iteration: received-message sum, gradient sum, loss sum,
+    # clients whose operator was active, bits, failed ranks.
     buf = np.zeros(2 * d + 4)
     msg_sum, grad_sum = buf[:d], buf[d : 2 * d]
     LOSS, ACTIVE, BITS, FAILED = 2 * d, 2 * d + 1, 2 * d + 2, 2 * d + 3
-    state = method.init_state(n_local, d)
     bits_sent = 0.0
     status, error, k = "running", None, 0
     gns = loss = clip_fraction = float("nan")
@@ -267,14 +329,19 @@ def _iterate(cfg, obj, method, world, gamma, x, metrics, progress, t0) -> _Outco
         buf[:] = 0.0
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                if evaluate:
-                    values, grads = obj.values_and_grads(x)
-                    buf[LOSS] = values.sum()
-                else:
-                    grads = obj.grads(x)
-                messages, active = method.client_round(grads, state, first)
+                est = method.estimator.estimate(obj, x, state, evaluate)
+                messages, active = method.messages(est.V, state, first)
                 np.sum(messages, axis=0, out=msg_sum)
-                np.sum(grads, axis=0, out=grad_sum)
+                noise = method.noise(state, d)
+                if noise is not None:
+                    msg_sum += noise.sum(axis=0)
+                grads, values = est.grads, est.values
+                if evaluate and grads is None:
+                    values, grads = obj.values_and_grads(x)
+                if grads is not None:
+                    np.sum(grads, axis=0, out=grad_sum)
+                if evaluate:
+                    buf[LOSS] = values.sum()
             buf[ACTIVE] = np.count_nonzero(active)
             buf[BITS] = n_local * method.bits_per_message(d, first)
         except Exception as err:  # noqa: BLE001 - every rank learns of it below
@@ -287,13 +354,18 @@ def _iterate(cfg, obj, method, world, gamma, x, metrics, progress, t0) -> _Outco
         if buf[FAILED] > 0:
             status = "failed"
             break
+        # Full gradients at x^k exist on evaluated rows, and on every row of
+        # full-gradient methods; the stop decisions use only those.
+        has_grad = evaluate or not stochastic
         with np.errstate(over="ignore", invalid="ignore"):
             grad_mean = grad_sum / n
-            gns = float(grad_mean @ grad_mean)
+            gns = float(grad_mean @ grad_mean) if has_grad else float("nan")
         clip_fraction = buf[ACTIVE] / n
-        if not np.isfinite(buf[: LOSS + 1]).all() or not np.isfinite(gns):
+        if not np.isfinite(buf[: LOSS + 1]).all() or (
+            has_grad and not np.isfinite(gns)
+        ):
             status = "diverged"
-        elif gns <= cfg.tol:
+        elif has_grad and gns <= cfg.tol:
             status = "converged"
         elif k == cfg.iters:
             status = "max_iters"
@@ -310,6 +382,7 @@ def _iterate(cfg, obj, method, world, gamma, x, metrics, progress, t0) -> _Outco
             clip_fraction=clip_fraction,
             bits_sent=bits_sent,
             wall_time=now - t0,
+            epsilon=epsilons[k] if epsilons is not None else np.nan,
         )
         if progress is not None:
             progress(k, gns)
@@ -344,28 +417,50 @@ def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> Ru
     obj = setup.objectives
     d, n = setup.dim, cfg.clients
     spec = METHODS[cfg.method]
-    method = Method(spec, tau=cfg.tau, k=cfg.k)
 
-    # Setup collectives: constants, step size, where the log goes.
+    # Setup collectives: constants, step sizes, noise, where the log goes.
     L, L_clients = _smoothness(setup, world)
     L_tilde = float(np.sqrt(np.mean(L_clients**2)))
-    if cfg.step_size == "auto":
+    if spec.estimator == "local-steps":
+        gamma = cfg.server_step_size
+    elif cfg.step_size == "auto":
         gamma = auto_step_size(cfg.method, L, L_tilde, cfg.k, d)
     else:
         gamma = float(cfg.step_size)
+    local_step = 1.0 / L if cfg.local_step_size == "auto" else cfg.local_step_size
+    options = {
+        "tau": cfg.tau,
+        "k": cfg.k,
+        "alpha": cfg.alpha,
+        "batch_size": cfg.batch_size,
+        "beta": cfg.beta,
+        "beta_hat": cfg.beta_hat,
+        "local_steps": cfg.local_steps,
+        "local_step_size": local_step,
+    }
+    bound = Method(spec, **options).norm_bound
+    privacy = _privacy(cfg, bound, world)
+    sigma = 0.0 if privacy is None else privacy.noise_sigma
+    method = Method(spec, noise_sigma=sigma, **options)
     path = cfg.out
     if path is None:
         path = world.broadcast(
             default_log_path(cfg, setup.dataset_name) if world.is_root else None
         )
     cfg = cfg.replace(out=path)
-    x = _initial_point(cfg, d)
-    log = None
+    x = _initial_point(cfg, obj)
+    state = method.init_state(setup.clients, d, cfg.seed)
+
+    log = epsilons = None
     if world.is_root:
-        header = _header(setup, cfg, world, L, L_clients, gamma, command)
-        log = RunLog.create(path, header, x, overwrite=cfg.overwrite)
+        header = _header(setup, cfg, world, L, L_clients, gamma, privacy, command)
+        metric_names = METRICS + (("epsilon",) if privacy is not None else ())
+        log = RunLog.create(path, header, x, cfg.overwrite, metric_names)
+        if privacy is not None:
+            epsilons = privacy.epsilon_column(cfg.iters)
         logger.info(
-            "%s on %s (%s), %d clients on %d ranks, d=%d, L=%.4g, step size %.4g, log %s",
+            "%s on %s (%s), %d clients on %d ranks, d=%d, L=%.4g, step size %.4g%s, "
+            "log %s",
             cfg.method,
             setup.dataset_name,
             cfg.problem,
@@ -374,6 +469,7 @@ def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> Ru
             d,
             L,
             gamma,
+            "" if privacy is None else f", noise sigma {sigma:.4g}",
             path,
         )
         logger.debug("configuration: %s", json.dumps(cfg.to_dict()))
@@ -381,51 +477,60 @@ def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> Ru
 
     t0 = time.perf_counter()
     try:
-        out = _iterate(cfg, obj, method, world, gamma, x, metrics, progress, t0)
+        out = _iterate(
+            cfg, obj, method, state, world, gamma, x, metrics, progress, epsilons, t0
+        )
     except BaseException as err:
         # Interrupted (e.g. Ctrl-C): keep what was flushed and say so.
         if log is not None:
             metrics.flush()
             log.close("failed", None, {"message": f"interrupted: {err!r}"})
         raise
-    status, k, x, error = out.status, out.k, out.x, out.error
-    gns, loss = out.grad_norm_sq, out.loss
-
+    status, k, x = out.status, out.k, out.x
     wall_time = time.perf_counter() - t0
+
     message = ""
     if status == "failed":
+        error = out.error
         texts = world.gather_to_all(
             None if error is None else f"{type(error).__name__}: {error}"
         )
         failing = [r for r, t in enumerate(texts) if t is not None]
         message = f"rank {failing[0]} failed at iteration {k}: {texts[failing[0]]}"
+    # x^k has seen the messages of rounds 0..k-1.
+    epsilon = accountant = None
+    if privacy is not None:
+        epsilon, accountant = world.broadcast(
+            privacy.report(k) if world.is_root else None
+        )
     if log is not None:
         metrics.flush()
-        log.close(
-            status,
-            x,
-            {"iterations": k, "wall_time_total": wall_time, "message": message},
-        )
+        final = {"iterations": k, "wall_time_total": wall_time, "message": message}
+        if epsilon is not None:
+            final.update(epsilon=epsilon, epsilon_accountant=accountant)
+        log.close(status, x, final)
         logger.debug(
             "%s after %d iterations: ||grad f||^2 = %.3e, %.2f s, log %s",
             status,
             k,
-            gns,
+            out.grad_norm_sq,
             wall_time,
             path,
         )
     if status == "failed":
-        raise RunFailed(message) from error
+        raise RunFailed(message) from out.error
     return RunResult(
         status,
         k,
         x,
-        gns,
-        loss,
+        out.grad_norm_sq,
+        out.loss,
         gamma,
         path,
         wall_time,
         out.clip_fraction,
         out.bits_sent,
         L,
+        sigma,
+        epsilon,
     )

@@ -51,7 +51,6 @@ class ClientDesign:
         self.row_client = np.repeat(np.arange(self.n_local), counts)
         self.row_weight = 1.0 / counts[self.row_client]
         self._starts = offsets[:-1]
-        self._BT = None
         if self.sparse:
             self._B = self._client_scatter_matrix()
         else:
@@ -61,10 +60,14 @@ class ClientDesign:
             )
 
     def _client_scatter_matrix(self):
-        """CSR ``B`` of shape ``(n_local * d, m)`` with ``B s`` the client sums."""
+        """``B`` of shape ``(n_local * d, m)`` with ``B s`` the client sums.
+
+        Stored by columns: ``B s`` then reads ``s`` in order and scatters into
+        the small ``n_local * d`` output, which stays in cache.
+        """
         coo = self.A.tocoo()
         rows = self.row_client[coo.row] * self.n_features + coo.col
-        return sp.csr_matrix(
+        return sp.csc_matrix(
             (coo.data, (rows, coo.row)),
             shape=(self.n_local * self.n_features, self.n_rows),
         )
@@ -76,9 +79,7 @@ class ClientDesign:
     def margins_at(self, X: np.ndarray) -> np.ndarray:
         """Return ``z_j = a_j^T x_i`` with one point ``X[i]`` per client ``i``."""
         if self.sparse:
-            if self._BT is None:
-                self._BT = self._B.T.tocsr()
-            return self._BT @ X.ravel()
+            return self._B.T @ X.ravel()
         return np.einsum("jl,jl->j", self.A, X[self.row_client])
 
     def client_sums(self, s: np.ndarray) -> np.ndarray:

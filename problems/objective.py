@@ -70,7 +70,7 @@ class ClientObjectives:
     def rows_per_client(self) -> np.ndarray:
         return self.design.counts
 
-    def subset(self, rows: np.ndarray, offsets: np.ndarray) -> "ClientObjectives":
+    def subset(self, rows: np.ndarray, offsets: np.ndarray) -> ClientObjectives:
         """Return the objectives on local ``rows`` only (minibatches).
 
         ``rows`` are local row indices, client after client, and ``offsets``

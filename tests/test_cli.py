@@ -35,8 +35,10 @@ SUMMARY = re.compile(
 )
 TAU_HINT = "pass a threshold > 0 (it bounds each message's norm)"
 VALID_KEYS = (
-    "clients, data, eval_every, iters, k, lam, method, out, overwrite, problem, "
-    "quiet, reg, seed, split, step_size, tau, tol, verbose, x0"
+    "alpha, batch_size, beta, beta_hat, clients, data, delta, epsilon, eval_every, "
+    "hidden, iters, k, lam, local_step_size, local_steps, method, neighbouring, "
+    "noise_sigma, out, overwrite, problem, quiet, reg, seed, server_step_size, "
+    "split, step_size, tau, tol, verbose, x0"
 )
 
 
@@ -93,23 +95,27 @@ def assert_exit(result, code: int) -> None:
         (
             ["--method", "clip-21"],
             (
-                "--method 'clip-21' is not one of gd, clip-gd, clip21, ef21; "
+                "--method 'clip-21' is not one of gd, clip-gd, clip-sgd, clip21, "
+                "clip21-sgd, press-clip21, ef21, clip21-sgd2m, normec, clip-fedavg; "
                 "did you mean 'clip21'?"
             ),
         ),
         (
             ["--problem", "logref"],
-            "--problem 'logref' is not one of logreg, nls; did you mean 'logreg'?",
+            "--problem 'logref' is not one of logreg, nls, mlp; did you mean 'logreg'?",
         ),
         (
             ["--method", "ef21", "--k", "6"],
-            f"--k 6 exceeds the 5 features of {SYNTH}; pass 1 <= k <= 5",
+            (
+                f"--k 6 exceeds the 5 coordinates of the logreg model on {SYNTH}; "
+                "pass 1 <= k <= 5"
+            ),
         ),
         (
             ["--data", "missing.svm"],
             (
                 "--data: no such file: 'missing.svm'; pass a LibSVM file, a bundled name "
-                "(breast_cancer) or 'synthetic'"
+                "(breast_cancer, digits) or 'synthetic'"
             ),
         ),
     ],

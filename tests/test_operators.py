@@ -75,11 +75,11 @@ def test_error_feedback_identity():
     rng = np.random.default_rng(0)
     n, d = 5, 4
     method = Method(METHODS["clip21"], tau=0.3)
-    state = method.init_state(n, d)
+    state = method.init_state(range(n), d, seed=0)
     for k in range(30):
         grads = rng.standard_normal((n, d)) * 3
         before = state.g_local.copy()
-        C, _active = method.client_round(grads, state, first=k == 0)
+        C, _active = method.messages(grads, state, first=k == 0)
         np.testing.assert_array_equal(state.g_local, before + C)
         np.testing.assert_allclose(C, clip_rows(grads - before, 0.3)[0])
         method.server_round(state, C.mean(axis=0))
@@ -89,11 +89,11 @@ def test_error_feedback_identity():
 
 def test_ef21_first_round_sends_the_gradient():
     method = Method(METHODS["ef21"], k=1)
-    state = method.init_state(2, 3)
+    state = method.init_state(range(2), 3, seed=0)
     grads = np.array([[1.0, -2.0, 3.0], [0.5, 0.1, -0.2]])
-    C, _ = method.client_round(grads, state, first=True)
+    C, _ = method.messages(grads, state, first=True)
     np.testing.assert_array_equal(C, grads)
-    C, _ = method.client_round(grads + 1.0, state, first=False)
+    C, _ = method.messages(grads + 1.0, state, first=False)
     assert np.all(np.count_nonzero(C, axis=1) == 1)
     assert method.bits_per_message(3, True) == 192
     assert method.bits_per_message(3, False) == 96
@@ -101,8 +101,8 @@ def test_ef21_first_round_sends_the_gradient():
 
 def test_methods_without_error_feedback_keep_no_state():
     method = Method(METHODS["clip-gd"], tau=1.0)
-    state = method.init_state(2, 2)
-    C, active = method.client_round(np.array([[3.0, 4.0], [0.1, 0.0]]), state, True)
+    state = method.init_state(range(2), 2, seed=0)
+    C, active = method.messages(np.array([[3.0, 4.0], [0.1, 0.0]]), state, True)
     np.testing.assert_allclose(C, [[0.6, 0.8], [0.1, 0.0]])
     assert active.tolist() == [True, False]
     assert np.all(state.g_local == 0)

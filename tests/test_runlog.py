@@ -97,8 +97,14 @@ def test_root_attributes(breast_cancer_log):
     with h5py.File(breast_cancer_log, "r") as f:
         attrs = dict(f.attrs)
 
+    # The resolved configuration: reg 'auto' is stored as what it meant.
     expected = RunConfig(
-        data="breast_cancer", clients=3, iters=20, seed=7, out="run.h5"
+        data="breast_cancer",
+        clients=3,
+        iters=20,
+        seed=7,
+        out="run.h5",
+        reg="nonconvex",
     ).to_dict()
     assert json.loads(attrs["config"]) == expected
     assert isinstance(attrs["command"], str)
