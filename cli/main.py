@@ -417,6 +417,9 @@ def run(verbose, quiet, **options):
     sys.exit(result.exit_code)
 
 
+# Further commands: each module defines its own, and is registered here.
+
+
 def main(argv=None) -> None:
     """Entry point: click errors are shown once (by rank 0), with exit code 2."""
     try:
