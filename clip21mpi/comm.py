@@ -50,6 +50,10 @@ class World:
         """Return the list of every rank's ``obj``, in rank order."""
         return self._comm.allgather(obj)
 
+    def gather_to_root(self, obj, root: int = 0) -> list | None:
+        """Return the list of every rank's ``obj`` on ``root``, None elsewhere."""
+        return self._comm.gather(obj, root=root)
+
     def abort(self, code: int = 1) -> None:
         """End every rank of the job with ``code``."""
         self._comm.Abort(code)

@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from clip21mpi.checkpoint import checkpoint_path
 from clip21mpi.methods import METHODS
 from clip21mpi.privacy import RELATIONS
 from problems.losses import LOSSES, REGULARISERS
@@ -73,6 +74,8 @@ class RunConfig:
     local_step_size: float | str = "auto"
     server_step_size: float = 1.0
     hidden: int = 32
+    checkpoint_every: int = 0
+    resume: bool = False
 
     @property
     def noisy(self) -> bool:
@@ -131,7 +134,21 @@ class RunConfig:
                 f"{n_ranks} MPI ranks but only {clients} clients; every rank needs "
                 f"a client: pass --clients >= {n_ranks} or start at most {clients} ranks",
             )
-        if self.out is not None and os.path.exists(self.out) and not self.overwrite:
+        if self.checkpoint_every < 0:
+            raise ConfigError(
+                "--checkpoint-every",
+                f"--checkpoint-every must be >= 0, got {self.checkpoint_every!r}",
+            )
+        if self.resume and self.out is None:
+            raise ConfigError(
+                "--resume", "--resume needs --out: the log whose checkpoint to resume"
+            )
+        if (
+            self.out is not None
+            and os.path.exists(self.out)
+            and not self.overwrite
+            and not os.path.exists(checkpoint_path(self.out))
+        ):
             raise ConfigError(
                 "--out",
                 f"the log {self.out!r} exists; pass --overwrite to replace it "

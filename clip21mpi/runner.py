@@ -20,6 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clip21mpi import __version__
+from clip21mpi.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    mismatched_keys,
+    save_checkpoint,
+)
 from clip21mpi.comm import World, mpi_versions
 from clip21mpi.config import ConfigError, RunConfig
 from clip21mpi.methods import METHODS, Method, auto_step_size
@@ -37,7 +45,13 @@ __all__ = ["EXIT_CODES", "LocalSetup", "RunFailed", "RunResult", "prepare", "run
 logger = logging.getLogger(__name__)
 
 # Exit codes of a run, by final status.
-EXIT_CODES = {"converged": 0, "max_iters": 0, "failed": 1, "diverged": 3}
+EXIT_CODES = {
+    "converged": 0,
+    "max_iters": 0,
+    "failed": 1,
+    "diverged": 3,
+    "checkpointed": 75,  # stopped on request with a checkpoint: resume it
+}
 
 FLUSH_SECONDS = 2.0
 FLUSH_ROWS = 4096
@@ -59,6 +73,7 @@ class LocalSetup:
     dataset_name: str
     n_rows: int
     dim: int
+    resume: Checkpoint | None = None
 
 
 @dataclass
@@ -147,7 +162,47 @@ def prepare(config: RunConfig, rank: int, size: int) -> LocalSetup:
         dataset.name,
         dataset.n_rows,
         objectives.dim,
+        _checkpoint_to_resume(cfg),
     )
+
+
+def _checkpoint_to_resume(cfg: RunConfig) -> Checkpoint | None:
+    """Return the checkpoint next to ``--out`` that this run continues, if any.
+
+    Raises:
+        ConfigError: for ``--resume`` without a checkpoint, a corrupt one, or
+            one of another configuration.
+    """
+    if cfg.out is None or cfg.overwrite:
+        return None
+    path = checkpoint_path(cfg.out)
+    if not os.path.exists(path):
+        if cfg.resume:
+            raise ConfigError(
+                "--resume", f"--resume: there is no checkpoint {path!r} to resume"
+            )
+        return None
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ConfigError("--resume", str(err)) from err
+    differ = mismatched_keys(ckpt.config, cfg.to_dict())
+    if differ:
+        shown = ", ".join(
+            f"{k} {ckpt.config.get(k)!r} -> {getattr(cfg, k, None)!r}" for k in differ
+        )
+        raise ConfigError(
+            "--resume",
+            f"the checkpoint {path!r} belongs to another configuration ({shown}); "
+            "pass the same options to resume it, or --overwrite to start afresh",
+        )
+    if ckpt.next_iteration > cfg.iters:
+        raise ConfigError(
+            "--resume",
+            f"the checkpoint {path!r} is at iteration {ckpt.next_iteration}, past "
+            f"--iters {cfg.iters}",
+        )
+    return ckpt
 
 
 def default_log_path(cfg: RunConfig, dataset_name: str, folder: str = "runs") -> str:
@@ -307,23 +362,91 @@ def _loss_at(obj, x, world, n) -> float:
     return float("nan") if pair[1] else pair[0] / n
 
 
+def _rng_states(rngs) -> list:
+    return [rng.bit_generator.state for rng in rngs]
+
+
+class _Checkpointer:
+    """Writes checkpoints of the whole run (a collective: every rank calls it)."""
+
+    def __init__(self, path, cfg, clients, world, metrics):
+        self.path, self.cfg, self.clients = path, cfg, clients
+        self.world, self.metrics = world, metrics
+
+    def __call__(self, next_k, x, state, bits_sent, wall_time) -> None:
+        local = (
+            state.g_local,
+            state.v_local,
+            _rng_states(state.batch_rngs),
+            _rng_states(state.noise_rngs),
+        )
+        parts = self.world.gather_to_root(local)
+        if parts is None:
+            return
+        g_local, v_local, batch, noise = zip(*parts)
+        self.metrics.flush()  # the log holds rows 0..next_k - 1
+        save_checkpoint(
+            self.path,
+            Checkpoint(
+                next_iteration=next_k,
+                x=x,
+                g=state.g,
+                g_local=np.concatenate(g_local),
+                v_local=None if v_local[0] is None else np.concatenate(v_local),
+                rng_batch=[s for part in batch for s in part],
+                rng_noise=[s for part in noise for s in part],
+                bits_sent=bits_sent,
+                wall_time=wall_time,
+                config=self.cfg.to_dict(),
+            ),
+        )
+        logger.info("checkpoint at iteration %d: %s", next_k, self.path)
+
+
+def _restore(state, ckpt: Checkpoint, clients: range) -> None:
+    """Put this rank's clients' part of ``ckpt`` into ``state``."""
+    state.g[:] = ckpt.g
+    state.g_local[:] = ckpt.g_local[clients.start : clients.stop]
+    if state.v_local is not None:
+        state.v_local[:] = ckpt.v_local[clients.start : clients.stop]
+    for rngs, saved in (
+        (state.batch_rngs, ckpt.rng_batch),
+        (state.noise_rngs, ckpt.rng_noise),
+    ):
+        for rng, client in zip(rngs, clients):
+            rng.bit_generator.state = saved[client]
+
+
 def _iterate(
-    cfg, obj, method, state, world, gamma, x, metrics, progress, epsilons, t0
+    cfg,
+    obj,
+    method,
+    state,
+    world,
+    gamma,
+    x,
+    metrics,
+    progress,
+    epsilons,
+    t0,
+    start=0,
+    bits_sent=0.0,
+    checkpoint=None,
+    stop=None,
 ) -> _Outcome:
-    """The iterations, from x^0 until a stop; one collective per iteration."""
+    """The iterations, from x^start until a stop; one collective per iteration."""
     d, n, n_local = obj.dim, cfg.clients, obj.n_local
     stochastic = method.estimator.stochastic
 
     # One buffer per iteration: received-message sum, gradient sum, loss sum,
-    # clients whose operator was active, bits, failed ranks.
-    buf = np.zeros(2 * d + 4)
+    # clients whose operator was active, bits, failed ranks, stop requests.
+    buf = np.zeros(2 * d + 5)
     msg_sum, grad_sum = buf[:d], buf[d : 2 * d]
-    LOSS, ACTIVE, BITS, FAILED = 2 * d, 2 * d + 1, 2 * d + 2, 2 * d + 3
-    bits_sent = 0.0
-    status, error, k = "running", None, 0
+    LOSS, ACTIVE, BITS, FAILED, STOP = range(2 * d, 2 * d + 5)
+    status, error, k = "running", None, start
     gns = loss = clip_fraction = float("nan")
 
-    for k in range(cfg.iters + 1):
+    for k in range(start, cfg.iters + 1):
         evaluate = k % cfg.eval_every == 0 or k == cfg.iters
         first = k == 0
         buf[:] = 0.0
@@ -348,6 +471,8 @@ def _iterate(
             buf[:] = 0.0
             buf[FAILED] = 1.0
             error = err
+        if stop is not None and stop.is_set():
+            buf[STOP] = 1.0
 
         world.sum_in_place(buf)
 
@@ -393,18 +518,34 @@ def _iterate(
         x = x - gamma * state.g
         bits_sent += buf[BITS] / n
 
+        # Checkpoints end a round: the next run starts at round k + 1.
+        stopping = buf[STOP] > 0
+        every = cfg.checkpoint_every
+        if checkpoint is not None and (stopping or (every and (k + 1) % every == 0)):
+            checkpoint(k + 1, x, state, bits_sent, time.perf_counter() - t0)
+        if stopping:
+            status, k = "checkpointed", k + 1
+            break
+
     return _Outcome(status, k, x, error, gns, loss, clip_fraction, bits_sent)
 
 
-def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> RunResult:
+def run(
+    setup: LocalSetup, world: World, progress=None, command: str = "", stop=None
+) -> RunResult:
     """Run the configured method on every rank and log it on rank 0.
 
     Args:
-        setup: this rank's clients, from ``prepare``.
+        setup: this rank's clients, from ``prepare``; with ``setup.resume``
+            the run continues from that checkpoint.
         world: the ranks of the run.
         progress: called on rank 0 as ``progress(k, grad_norm_sq)`` after each
             iteration, or None.
         command: the command line, stored in the log.
+        stop: an object with ``is_set()`` (e.g. a ``threading.Event`` set by
+            a signal handler); once it is set on any rank, every rank ends
+            the same round, writes a checkpoint and returns with status
+            ``checkpointed``.
 
     Returns:
         The RunResult, the same on every rank.
@@ -450,12 +591,24 @@ def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> Ru
     cfg = cfg.replace(out=path)
     x = _initial_point(cfg, obj)
     state = method.init_state(setup.clients, d, cfg.seed)
+    ckpt, start, bits_sent, elapsed = setup.resume, 0, 0.0, 0.0
+    if ckpt is not None:
+        _restore(state, ckpt, setup.clients)
+        x = ckpt.x.copy()
+        start, bits_sent, elapsed = ckpt.next_iteration, ckpt.bits_sent, ckpt.wall_time
+    ckpt_path = checkpoint_path(path)
 
     log = epsilons = None
     if world.is_root:
-        header = _header(setup, cfg, world, L, L_clients, gamma, privacy, command)
-        metric_names = METRICS + (("epsilon",) if privacy is not None else ())
-        log = RunLog.create(path, header, x, cfg.overwrite, metric_names)
+        if ckpt is not None:
+            log = RunLog.reopen(path, start)
+            log.set_attrs({"resumed_at": start, "command_resumed": command})
+        else:
+            header = _header(setup, cfg, world, L, L_clients, gamma, privacy, command)
+            names = METRICS + (("epsilon",) if privacy is not None else ())
+            log = RunLog.create(path, header, x, cfg.overwrite, names)
+            if os.path.exists(ckpt_path):  # a stale one, under --overwrite
+                os.remove(ckpt_path)
         if privacy is not None:
             epsilons = privacy.epsilon_column(cfg.iters)
         logger.info(
@@ -475,10 +628,27 @@ def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> Ru
         logger.debug("configuration: %s", json.dumps(cfg.to_dict()))
     metrics = _MetricBuffer(log)
 
-    t0 = time.perf_counter()
+    if ckpt is not None:
+        logger.info("resuming %s at iteration %d", path, start)
+    t0 = time.perf_counter() - elapsed
+    checkpointer = _Checkpointer(ckpt_path, cfg, setup.clients, world, metrics)
     try:
         out = _iterate(
-            cfg, obj, method, state, world, gamma, x, metrics, progress, epsilons, t0
+            cfg,
+            obj,
+            method,
+            state,
+            world,
+            gamma,
+            x,
+            metrics,
+            progress,
+            epsilons,
+            t0,
+            start,
+            bits_sent,
+            checkpointer,
+            stop,
         )
     except BaseException as err:
         # Interrupted (e.g. Ctrl-C): keep what was flushed and say so.
@@ -509,6 +679,8 @@ def run(setup: LocalSetup, world: World, progress=None, command: str = "") -> Ru
         if epsilon is not None:
             final.update(epsilon=epsilon, epsilon_accountant=accountant)
         log.close(status, x, final)
+        if status != "checkpointed" and os.path.exists(ckpt_path):
+            os.remove(ckpt_path)  # finished: nothing to resume
         logger.debug(
             "%s after %d iterations: ||grad f||^2 = %.3e, %.2f s, log %s",
             status,

@@ -346,7 +346,7 @@ def test_close_rejects_unknown_status(tmp_path):
 
     assert str(err.value) == (
         "unknown status 'done'; valid: "
-        "('running', 'converged', 'max_iters', 'diverged', 'failed')"
+        "('running', 'converged', 'max_iters', 'diverged', 'failed', 'checkpointed')"
     )
 
 
