@@ -118,6 +118,35 @@ def _reaches_terminal(stream) -> bool:
     return False
 
 
+def check_slurm_world(world_size: int) -> None:
+    """Refuse the one-rank copies that ``srun`` without a PMI plugin starts.
+
+    Raises:
+        click.UsageError: if Slurm started several tasks but MPI sees one.
+    """
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
+    if "SLURM_PROCID" not in os.environ or not tasks or not tasks.isdigit():
+        return
+    if world_size == 1 and int(tasks) > 1:
+        raise click.UsageError(
+            f"Slurm started {tasks} tasks (SLURM_NTASKS) but MPI sees a world of 1 "
+            "rank: launch with srun --mpi=pmi2 (MPICH family) or --mpi=pmix (Open "
+            "MPI), or with mpiexec -n $SLURM_NTASKS"
+        )
+
+
+def stop_on_signals():
+    """Return an Event that SIGTERM and SIGUSR1 set (Slurm's warnings before a
+    time limit or a preemption); the run then checkpoints and stops."""
+    import signal
+    import threading
+
+    event = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: event.set())
+    return event
+
+
 class Progress:
     """Progress on rank 0: a bar on a terminal, a log line every ``every`` s otherwise.
 
@@ -378,6 +407,20 @@ def cli():
     help="mlp: hidden units.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=DEFAULTS.checkpoint_every,
+    show_default=True,
+    help="Write a checkpoint next to --out every N iterations (0: only on "
+    "SIGTERM or SIGUSR1).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from the checkpoint next to --out (also done without this "
+    "flag when one exists and matches).",
+)
 @click.option("-v", "--verbose", count=True, help="More output (-vv: every rank).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def run(verbose, quiet, **options):
@@ -389,10 +432,12 @@ def run(verbose, quiet, **options):
     world = World()
     _setup_logging(world.rank, verbose, quiet)
     install_abort_on_error(world)
+    check_slurm_world(world.size)
     try:
         setup = prepare(RunConfig(**options), world.rank, world.size)
     except ConfigError as err:
         raise click.UsageError(err.message) from err
+    stop = stop_on_signals()
 
     progress = None
     if world.is_root and not quiet:
@@ -400,7 +445,7 @@ def run(verbose, quiet, **options):
     try:
         argv = click.get_current_context().find_root().obj or {}
         command = shlex.join(argv.get("argv") or sys.argv)
-        result = run_method(setup, world, progress, command)
+        result = run_method(setup, world, progress, command, stop)
     except RunFailed as err:
         if world.is_root:
             click.echo(f"Error: {err}", err=True)
@@ -414,6 +459,10 @@ def run(verbose, quiet, **options):
             f"iterations, ||grad f||^2 = {result.grad_norm_sq:.6e}, "
             f"f = {result.loss:.6g}, {result.wall_time:.2f} s\nlog: {result.path}"
         )
+        if result.status == "checkpointed":
+            click.echo(
+                f"checkpoint: {result.path}.ckpt; the same command resumes the run"
+            )
     sys.exit(result.exit_code)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 __all__ = ["METRICS", "RunLog", "RunRecord", "read_log"]
 
 METRICS = ("grad_norm_sq", "loss", "clip_fraction", "bits_sent", "wall_time")
-STATUSES = ("running", "converged", "max_iters", "diverged", "failed")
+STATUSES = ("running", "converged", "max_iters", "diverged", "failed", "checkpointed")
 
 
 def _h5py():
@@ -117,6 +117,26 @@ class RunLog:
                 ds = group[name]
                 ds.resize((start + n,))
                 ds[start:] = values
+
+    @classmethod
+    def reopen(cls, path, rows: int) -> RunLog:
+        """Continue an existing log after its first ``rows`` rows.
+
+        Rows beyond ``rows`` (flushed after the checkpoint a run resumes
+        from) are dropped, so the resumed log has no gap and no duplicate.
+        """
+        with _open(os.fspath(path), "r+") as f:
+            group = f["metrics"]
+            metrics = tuple(name for name in group if name != "iteration")
+            if group["iteration"].shape[0] < rows:
+                raise ValueError(
+                    f"{path} holds {group['iteration'].shape[0]} rows, fewer than "
+                    f"the {rows} of its checkpoint"
+                )
+            for ds in group.values():
+                ds.resize((rows,))
+            f.attrs["status"] = "running"
+        return cls(path, metrics)
 
     def set_attrs(self, attrs: dict) -> None:
         with _open(self.path, "r+") as f:
