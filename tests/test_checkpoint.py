@@ -198,7 +198,7 @@ def test_killed_mpi_run_resumes_bitwise(tmp_path):
 
     rows_before = len(read_log(cut_out)["metrics"]["iteration"])
     resumed = launch(2, cut_out)
-    out, err = resumed.communicate(timeout=300)
+    _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     a, b = read_log(tmp_path / "whole.h5"), read_log(cut_out)
     assert rows_before >= b["attrs"]["resumed_at"] >= 1000
