@@ -11,6 +11,7 @@ import tomllib
 
 import click
 
+from cli.sweep import sweep
 from clip21mpi import __version__
 from clip21mpi.config import ConfigError, RunConfig, suggest
 
@@ -467,6 +468,7 @@ def run(verbose, quiet, **options):
 
 
 # Further commands: each module defines its own, and is registered here.
+cli.add_command(sweep)
 
 
 def main(argv=None) -> None:

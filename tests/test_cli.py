@@ -35,10 +35,10 @@ SUMMARY = re.compile(
 )
 TAU_HINT = "pass a threshold > 0 (it bounds each message's norm)"
 VALID_KEYS = (
-    "alpha, batch_size, beta, beta_hat, clients, data, delta, epsilon, eval_every, "
-    "hidden, iters, k, lam, local_step_size, local_steps, method, neighbouring, "
-    "noise_sigma, out, overwrite, problem, quiet, reg, seed, server_step_size, "
-    "split, step_size, tau, tol, verbose, x0"
+    "alpha, batch_size, beta, beta_hat, checkpoint_every, clients, data, delta, "
+    "epsilon, eval_every, hidden, iters, k, lam, local_step_size, local_steps, "
+    "method, neighbouring, noise_sigma, out, overwrite, problem, quiet, reg, "
+    "resume, seed, server_step_size, split, step_size, tau, tol, verbose, x0"
 )
 
 
