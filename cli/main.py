@@ -39,7 +39,7 @@ class StepSize(click.ParamType):
             )
 
 
-def _world_rank() -> int:
+def world_rank() -> int:
     """This process's rank, without starting MPI when it is not yet started."""
     if "mpi4py.MPI" in sys.modules:
         return sys.modules["mpi4py.MPI"].COMM_WORLD.Get_rank()
@@ -75,7 +75,7 @@ def _load_config_file(ctx, param, value):
     return value
 
 
-def _setup_logging(rank: int, verbose: int, quiet: bool) -> None:
+def setup_logging(rank: int, verbose: int, quiet: bool) -> None:
     if rank == 0:
         level = (
             logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
@@ -143,8 +143,18 @@ def stop_on_signals():
     import threading
 
     event = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda *_: event.set())
+    previous = {
+        sig: signal.signal(sig, lambda *_: event.set())
+        for sig in (signal.SIGTERM, signal.SIGUSR1)
+    }
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(restore)  # the handlers last as long as the command
     return event
 
 
@@ -431,7 +441,7 @@ def run(verbose, quiet, **options):
     from clip21mpi.runner import run as run_method
 
     world = World()
-    _setup_logging(world.rank, verbose, quiet)
+    setup_logging(world.rank, verbose, quiet)
     install_abort_on_error(world)
     check_slurm_world(world.size)
     try:
@@ -483,11 +493,11 @@ def main(argv=None) -> None:
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
     except click.ClickException as err:
-        if _world_rank() == 0:
+        if world_rank() == 0:
             err.show()
         sys.exit(err.exit_code)
     except click.Abort:
-        if _world_rank() == 0:
+        if world_rank() == 0:
             click.echo("Aborted!", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -96,8 +96,8 @@ def sweep(
     max_iters, 1 if not, and 2 for a usage error.
     """
     from cli.main import (
-        _setup_logging,
-        _world_rank,
+        setup_logging,
+        world_rank,
         check_slurm_world,
         stop_on_signals,
     )
@@ -127,7 +127,7 @@ def sweep(
             validate_cells(cells, 1)
         except SweepError as err:
             raise click.UsageError(str(err)) from err
-        if _world_rank() == 0:
+        if world_rank() == 0:
             click.echo(format_listing(grid, cells, selected))
         return
 
@@ -135,7 +135,7 @@ def sweep(
     from clip21mpi.runner import EXIT_CODES
 
     world = World()
-    _setup_logging(world.rank, verbose, quiet)
+    setup_logging(world.rank, verbose, quiet)
     install_abort_on_error(world)
     check_slurm_world(world.size)
     try:
