@@ -11,6 +11,7 @@ import tomllib
 
 import click
 
+from cli.analysis import info, plot, report
 from cli.sweep import sweep
 from clip21mpi import __version__
 from clip21mpi.config import ConfigError, RunConfig, suggest
@@ -478,6 +479,9 @@ def run(verbose, quiet, **options):
 
 
 # Further commands: each module defines its own, and is registered here.
+cli.add_command(info)
+cli.add_command(plot)
+cli.add_command(report)
 cli.add_command(sweep)
 
 
