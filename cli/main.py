@@ -12,6 +12,7 @@ import tomllib
 import click
 
 from cli.analysis import info, plot, report
+from cli.reproduce import reproduce
 from cli.sweep import sweep
 from clip21mpi import __version__
 from clip21mpi.config import ConfigError, RunConfig, suggest
@@ -483,6 +484,7 @@ cli.add_command(info)
 cli.add_command(plot)
 cli.add_command(report)
 cli.add_command(sweep)
+cli.add_command(reproduce)
 
 
 def main(argv=None) -> None:

@@ -96,10 +96,10 @@ def sweep(
     max_iters, 1 if not, and 2 for a usage error.
     """
     from cli.main import (
-        setup_logging,
-        world_rank,
         check_slurm_world,
+        setup_logging,
         stop_on_signals,
+        world_rank,
     )
 
     # The grid, every cell of it, and this task's share.
@@ -158,7 +158,7 @@ def sweep(
             cell.describe(),
         )
         config = configs[cell.index].replace(out=path, overwrite=overwrite)
-        status, ok, line = _run_cell(config, world, quiet, command, stop)
+        status, ok, line = run_cell(config, world, quiet, command, stop)
         counts[status] += 1
         finished = finished and ok
         if world.is_root:
@@ -200,7 +200,7 @@ def _existing_status(path: str, world) -> str | None:
     return world.broadcast(status)
 
 
-def _run_cell(config, world, quiet: bool, command: str, stop):
+def run_cell(config, world, quiet: bool, command: str, stop):
     """Run one cell on every rank.
 
     Returns:

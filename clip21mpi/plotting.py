@@ -35,6 +35,7 @@ __all__ = [
     "X_AXES",
     "available_metrics",
     "figure_format",
+    "plot_final_against",
     "plot_runs",
     "save_figure",
 ]
@@ -252,6 +253,58 @@ def plot_runs(
         fontsize="small",
         frameon=False,
     )
+    return fig
+
+
+def plot_final_against(
+    runs: list[Run], metric: str = "grad_norm_sq", against="epsilon"
+):
+    """Draw each run's last finite ``metric`` against its setting ``against``.
+
+    One line per group of runs that agree on every other differing setting
+    (e.g. one per method), points sorted by ``against``; log scales where
+    the values are positive.
+
+    Raises:
+        ValueError: no runs, or ``against`` is not a numeric setting of them.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = [run for run in runs if metric in run.metrics]
+    if not runs:
+        raise ValueError(f"no runs with metric {metric!r} to plot")
+    xs = [run_settings(run).get(against, run.config.get(against)) for run in runs]
+    if any(not isinstance(x, (int, float)) for x in xs):
+        raise ValueError(f"every run needs a numeric {against!r} setting, got {xs}")
+    common, _ = compare_settings(runs, (against,))
+    labels = run_labels(runs, (against,))
+    groups: dict[str, list] = {}
+    for run, x, label in zip(runs, xs, labels):
+        values = np.asarray(run.metrics[metric], dtype=float)
+        finite = values[np.isfinite(values)]
+        y = finite[-1] if finite.size else np.nan
+        groups.setdefault(label, []).append((float(x), y))
+
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, (label, points) in enumerate(groups.items()):
+        points.sort()
+        style = {k: v for k, v in _style(i).items() if k != "markevery"}
+        ax.plot(*zip(*points), label=label, markersize=6, linewidth=1.4, **style)
+    all_x = np.array([p[0] for pts in groups.values() for p in pts])
+    all_y = np.array([p[1] for pts in groups.values() for p in pts])
+    if np.all(all_x > 0):
+        ax.set_xscale("log")
+    if _log_scale(metric, all_y[np.isfinite(all_y)]):
+        ax.set_yscale("log")
+    ax.set_xlabel(against)
+    ax.set_ylabel("final " + Y_LABELS.get(metric, metric))
+    ax.grid(True, alpha=0.3)
+    title = ", ".join(f"{k}={v}" for k, v in common.items())
+    fig.suptitle(textwrap.fill(title, 90), fontsize="small")
+    ax.legend(fontsize="small", frameon=False)
     return fig
 
 

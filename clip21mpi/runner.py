@@ -216,7 +216,7 @@ def default_log_path(cfg: RunConfig, dataset_name: str, folder: str = "runs") ->
     return path
 
 
-def _initial_point(cfg: RunConfig, obj) -> np.ndarray:
+def initial_point(cfg: RunConfig, obj) -> np.ndarray:
     rng = stream(cfg.seed, "x0")
     if cfg.x0 == "normal":
         return rng.standard_normal(obj.dim)
@@ -589,7 +589,7 @@ def run(
             default_log_path(cfg, setup.dataset_name) if world.is_root else None
         )
     cfg = cfg.replace(out=path)
-    x = _initial_point(cfg, obj)
+    x = initial_point(cfg, obj)
     state = method.init_state(setup.clients, d, cfg.seed)
     ckpt, start, bits_sent, elapsed = setup.resume, 0, 0.0, 0.0
     if ckpt is not None:
