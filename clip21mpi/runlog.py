@@ -31,6 +31,11 @@ def _h5py():
     return h5py
 
 
+def h5py_version() -> str:
+    """Return the version of h5py that writes the logs."""
+    return _h5py().__version__
+
+
 def _open(path: str, mode: str):
     # Without file locking a reader holding the file open does not block the
     # writer's next flush.

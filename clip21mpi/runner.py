@@ -32,7 +32,7 @@ from clip21mpi.comm import World, mpi_versions
 from clip21mpi.config import ConfigError, RunConfig
 from clip21mpi.methods import METHODS, Method, auto_step_size
 from clip21mpi.privacy import GaussianPrivacy, calibrate_noise_sigma
-from clip21mpi.runlog import METRICS, RunLog
+from clip21mpi.runlog import METRICS, RunLog, h5py_version
 from clip21mpi.streams import stream
 from problems.data import DataError, class_indices, load_dataset, map_labels
 from problems.design import ClientDesign
@@ -261,12 +261,10 @@ def _privacy(cfg: RunConfig, method_bound: float, world: World):
 
 
 def _header(setup, cfg, world, L, L_clients, step_size, privacy, command) -> dict:
-    import h5py
-
     versions = {
         "clip21mpi": __version__,
         "numpy": np.__version__,
-        "h5py": h5py.__version__,
+        "h5py": h5py_version(),
         "python": sys.version.split()[0],
         **mpi_versions(),
     }
