@@ -83,7 +83,6 @@ SPREAD_WARNING = 0.25
 RESULT_PREFIX = "bench_iteration result: "
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "a9a.txt"
 
 
 # The naive reference: one client at a time, dense rows, no stacking.
@@ -581,11 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "data",
-        nargs="?",
-        type=Path,
-        default=DEFAULT_DATA,
-        help="LibSVM file (default: ../shared/data/a9a.txt from the repository root)",
+        "data", type=Path, help="LibSVM file, e.g. a9a from the LIBSVM collection"
     )
     parser.add_argument(
         "--clients", type=int, default=20, help="number of clients (default: 20)"
