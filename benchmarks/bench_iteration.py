@@ -82,7 +82,6 @@ SPREAD_WARNING = 0.25
 # Rank 0 of a worker prints one line starting with this, then JSON.
 RESULT_PREFIX = "bench_iteration result: "
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # The naive reference: one client at a time, dense rows, no stacking.
