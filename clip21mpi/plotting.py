@@ -277,8 +277,10 @@ def plot_final_against(
     xs = [run_settings(run).get(against, run.config.get(against)) for run in runs]
     if any(not isinstance(x, (int, float)) for x in xs):
         raise ValueError(f"every run needs a numeric {against!r} setting, got {xs}")
-    common, _ = compare_settings(runs, (against,))
-    labels = run_labels(runs, (against,))
+    # With --epsilon, sigma is calibrated from it: not a setting of its own.
+    exclude = (against, "noise_sigma") if against == "epsilon" else (against,)
+    common, _ = compare_settings(runs, exclude)
+    labels = run_labels(runs, exclude)
     groups: dict[str, list] = {}
     for run, x, label in zip(runs, xs, labels):
         values = np.asarray(run.metrics[metric], dtype=float)
