@@ -26,18 +26,19 @@ rank). The table shows, per rank count, every rank's peak, the largest,
 and its ratio to the 1-rank peak; the check is that the largest peak falls
 as ranks are added. The exit code is 1 when it does not.
 
-Memory per rank is roughly fixed overhead (libraries, ``8 N`` bytes of
-labels and as much again for the row order) plus a few times the rank's
-share of the ``12 nnz`` bytes of CSR data (the matrix, and ``ClientDesign``'s
-per-client scatter matrix built from it). The 1-rank run of a 3 GB file
-peaks near 16 GB.
+Memory per rank is a fixed part (the libraries, about 66 MB, and ``8 N``
+bytes each for the labels, the row order and the mapped labels) plus a multiple of the rank's share of the ``12 nnz`` bytes of CSR data:
+once for the rows read, and about 2.5 times more while ``ClientDesign``
+builds its per-client scatter matrix. On a 2.5 GB file one rank peaks at
+about 8.4 GB (3.0 GB after reading), two at 4.4 GB each, four at 2.4 GB.
 
 Example:
-    A quick run (0.5 GB, about a minute on two cores)::
+    A quick run (0.5 GB, under a minute on two cores)::
 
         python benchmarks/bench_memory.py
 
-    The documented run (2.5 GB, about 5 minutes on two cores and 24 GB)::
+    The documented run (2.5 GB, 1 to 3 minutes on two cores and 24 GB,
+    depending on the page cache)::
 
         python benchmarks/bench_memory.py --gb 2.5 --tmpdir /scratch
 """

@@ -12,6 +12,7 @@ import tomllib
 import click
 
 from cli.analysis import info, plot, report
+from cli.data import data
 from cli.reproduce import reproduce
 from cli.sweep import sweep
 from clip21mpi import __version__
@@ -485,6 +486,7 @@ cli.add_command(plot)
 cli.add_command(report)
 cli.add_command(sweep)
 cli.add_command(reproduce)
+cli.add_command(data)
 
 
 def main(argv=None) -> None:

@@ -1,4 +1,4 @@
-"""Every h5py call of the package: the HDF5 run log, written and read.
+"""Every h5py call of the package: run logs, and converted (sharded) datasets.
 
 Layout of one run's file::
 
@@ -194,3 +194,170 @@ def _from_h5(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+# Sharded datasets
+#
+# A dataset converted for reading in parts (``problems/sharded.py`` holds the
+# logic; these are its file operations). Layout of one file::
+#
+#     /               attributes: format, format_version, name, n_rows,
+#                     n_features, nnz, source, source_size, source_sha256,
+#                     converter_version, created, command, ...
+#     /indptr         int64 (n_rows + 1,): row i is entries indptr[i]:indptr[i+1]
+#     /indices        int32 (nnz,): the feature of each entry
+#     /data           float64 (nnz,): the value of each entry
+#     /labels         float64 (n_rows,): the raw labels
+#     /label_values   float64 (C,): the sorted distinct labels
+#
+# Every array is chunked, so reading a range of rows touches only the chunks
+# that hold it.
+
+__all__ += ["CSR_COMPRESSIONS", "CsrReader", "CsrWriter"]
+
+CSR_COMPRESSIONS = ("none", "gzip", "lzf")
+CSR_ROW_CHUNK = 1 << 16
+CSR_ENTRY_CHUNK = 1 << 17
+CSR_GZIP_LEVEL = 4
+
+
+class CsrWriter:
+    """Writes the rows of a CSR matrix and their labels to a new file, in blocks.
+
+    Args:
+        path: the file to create; an existing file is replaced.
+        compression: ``none``, ``gzip`` or ``lzf`` (with byte shuffling).
+
+    Example:
+        >>> import tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "rows.h5")
+        >>> with CsrWriter(path) as writer:
+        ...     writer.append([0, 1, 3], [2, 0, 1], [5.0, 6.0, 7.0], [1.0, -1.0])
+        ...     writer.append([0, 1], [2], [8.0], [1.0])
+        ...     writer.finish({"n_features": 3}, [-1.0, 1.0])
+        >>> with CsrReader(path) as reader:
+        ...     reader.indptr(1, 3), reader.shapes["data"], reader.attrs["n_features"]
+        (array([1, 3, 4]), (4,), 3)
+    """
+
+    def __init__(self, path, compression: str = "none"):
+        if compression not in CSR_COMPRESSIONS:
+            raise ValueError(
+                f"unknown compression {compression!r}; valid: "
+                + ", ".join(CSR_COMPRESSIONS)
+            )
+        filters = {}
+        if compression != "none":
+            filters = {"compression": compression, "shuffle": True}
+            if compression == "gzip":
+                filters["compression_opts"] = CSR_GZIP_LEVEL
+        self.path = os.fspath(path)
+        self.n_rows = 0
+        self.nnz = 0
+        self._file = _open(self.path, "w")
+        columns = (
+            ("indptr", np.int64, CSR_ROW_CHUNK),
+            ("indices", np.int32, CSR_ENTRY_CHUNK),
+            ("data", np.float64, CSR_ENTRY_CHUNK),
+            ("labels", np.float64, CSR_ROW_CHUNK),
+        )
+        for name, dtype, chunk in columns:
+            self._file.create_dataset(
+                name,
+                shape=(0,),
+                maxshape=(None,),
+                dtype=dtype,
+                chunks=(chunk,),
+                **filters,
+            )
+        _csr_extend(self._file["indptr"], np.zeros(1, dtype=np.int64))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def append(self, indptr, indices, data, labels) -> None:
+        """Append rows: ``indptr`` counts from 0, one label per row."""
+        indptr = np.asarray(indptr, dtype=np.int64)
+        f = self._file
+        _csr_extend(f["indptr"], self.nnz + indptr[1:])
+        _csr_extend(f["indices"], np.asarray(indices, dtype=np.int32))
+        _csr_extend(f["data"], np.asarray(data, dtype=np.float64))
+        _csr_extend(f["labels"], np.asarray(labels, dtype=np.float64))
+        self.n_rows += indptr.size - 1
+        self.nnz += int(indptr[-1])
+
+    def shift_indices(self, offset: int) -> None:
+        """Add ``offset`` to every stored feature index, a block at a time."""
+        ds = self._file["indices"]
+        step = 64 * CSR_ENTRY_CHUNK
+        for lo in range(0, self.nnz, step):
+            block = ds[lo : lo + step]
+            block += offset
+            ds[lo : lo + step] = block
+
+    def finish(self, attrs: dict, label_values) -> None:
+        """Write the root attributes and the label values, and close the file."""
+        f = self._file
+        f.create_dataset("label_values", data=np.asarray(label_values, np.float64))
+        for key, value in attrs.items():
+            f.attrs[key] = _attr_value(value)
+        self.close()
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+
+class CsrReader:
+    """Reads parts of a file written by CsrWriter; use it in a ``with`` block.
+
+    Opening reads only the root attributes and the array shapes.
+
+    Attributes:
+        attrs: the root attributes (strings decoded, scalars as Python numbers).
+        shapes: the shape of each array, by name.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._file = _open(self.path, "r")
+        self.attrs = {k: _from_h5(v) for k, v in self._file.attrs.items()}
+        self.shapes = {
+            name: item.shape
+            for name, item in self._file.items()
+            if isinstance(item, _h5py().Dataset)
+        }
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def labels(self) -> np.ndarray:
+        """Return every row's label."""
+        return self._file["labels"][()]
+
+    def label_values(self) -> np.ndarray:
+        """Return the sorted distinct labels."""
+        return self._file["label_values"][()]
+
+    def indptr(self, start: int, stop: int) -> np.ndarray:
+        """Return ``indptr[start:stop + 1]``, the entry offsets of rows start..stop-1."""
+        return self._file["indptr"][start : stop + 1]
+
+    def read_entries(self, lo: int, hi: int, indices: np.ndarray, data: np.ndarray):
+        """Read entries ``lo..hi-1`` into ``indices`` and ``data`` (length hi - lo)."""
+        if hi > lo:
+            self._file["indices"].read_direct(indices, np.s_[lo:hi])
+            self._file["data"].read_direct(data, np.s_[lo:hi])
+
+
+def _csr_extend(ds, values: np.ndarray) -> None:
+    start = ds.shape[0]
+    if values.size:
+        ds.resize((start + values.size,))
+        ds[start:] = values

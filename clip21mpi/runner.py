@@ -38,6 +38,7 @@ from problems.data import DataError, class_indices, load_dataset, map_labels
 from problems.design import ClientDesign
 from problems.losses import LOSSES, make_regulariser
 from problems.objective import ClientObjectives
+from problems.sharded import ShardedDataset, is_converted
 from problems.split import client_offsets, rank_clients, row_order
 
 __all__ = ["EXIT_CODES", "LocalSetup", "RunFailed", "RunResult", "prepare", "run"]
@@ -103,7 +104,11 @@ class RunResult:
 def _build_objectives(cfg, dataset, rows, local_offsets):
     """Return the objectives of the local clients, rows ``rows``."""
     reg = make_regulariser(cfg.reg, cfg.lam)
-    design = ClientDesign(dataset.features[rows], local_offsets)
+    if isinstance(dataset, ShardedDataset):
+        A = dataset.read_rows(rows)  # only this rank's rows leave the disk
+    else:
+        A = dataset.features[rows]
+    design = ClientDesign(A, local_offsets)
     if cfg.problem == "mlp":
         from problems.mlp import MLPObjectives
 
@@ -123,7 +128,10 @@ def prepare(config: RunConfig, rank: int, size: int) -> LocalSetup:
     cfg = config.validate(size)
     spec = METHODS[cfg.method]
     try:
-        dataset = load_dataset(cfg.data, cfg.seed, cfg.clients)
+        if is_converted(cfg.data):
+            dataset = ShardedDataset.open(cfg.data)
+        else:
+            dataset = load_dataset(cfg.data, cfg.seed, cfg.clients)
         if cfg.clients > dataset.n_rows:
             raise ConfigError(
                 "--clients",
