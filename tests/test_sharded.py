@@ -620,9 +620,9 @@ def test_a_run_on_the_converted_file_equals_the_run_on_the_text(
         "step_size": 0.5,
     }  # three classes: the network
     results = []
-    for data in (text_path, h5_path):
+    for source in (text_path, h5_path):
         cfg = RunConfig(
-            data=str(data), out=str(tmp_path / f"{len(results)}.h5"), **common
+            data=str(source), out=str(tmp_path / f"{len(results)}.h5"), **common
         )
         results.append(run(prepare(cfg, 0, 1), World()))
     np.testing.assert_array_equal(results[0].x_final, results[1].x_final)
