@@ -30,6 +30,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "class_indices",
+    "libsvm_line_problem",
     "load_dataset",
     "map_labels",
 ]
@@ -149,32 +150,56 @@ def _open_text(path: str):
     return open(path, errors="replace")
 
 
+# The largest feature index an int32 column can hold.
+MAX_INDEX = np.iinfo(np.int32).max - 1
+
+
+def libsvm_line_problem(line: str) -> str | None:
+    """Return why a LibSVM line is malformed, or None if it is well formed.
+
+    The rules are scikit-learn's: a numeric label, an optional ``qid:``
+    token right after it, then ``index:value`` tokens with strictly
+    increasing non-negative integer indices (comments after ``#``).
+
+    Example:
+        >>> libsvm_line_problem("1 3:1 2:1")
+        'feature index 2 is negative or out of order'
+    """
+    body = line.split("#", 1)[0].split()
+    if not body:
+        return None
+    try:
+        float(body[0])
+    except ValueError:
+        return f"label {body[0]!r} is not a number"
+    tokens = body[1:]
+    if tokens and tokens[0].startswith("qid:"):
+        tokens = tokens[1:]
+    last = -1
+    for token in tokens:
+        index, sep, value = token.partition(":")
+        try:
+            idx = int(index)
+            float(value)
+        except ValueError:
+            idx = None
+        if not sep or idx is None:
+            return f"{token!r} is not of the form index:value"
+        if idx < 0 or idx <= last:
+            return f"feature index {idx} is negative or out of order"
+        if idx > MAX_INDEX:
+            return f"feature index {idx} exceeds {MAX_INDEX}"
+        last = idx
+    return None
+
+
 def _first_bad_line(path: str) -> tuple[int, str] | None:
     """Return (line number, reason) of the first malformed LibSVM line."""
     with _open_text(path) as fh:
         for lineno, line in enumerate(fh, start=1):
-            body = line.split("#", 1)[0].split()
-            if not body:
-                continue
-            try:
-                float(body[0])
-            except ValueError:
-                return lineno, f"label {body[0]!r} is not a number"
-            last = -1
-            for token in body[1:]:
-                if token.startswith("qid:"):
-                    continue
-                index, sep, value = token.partition(":")
-                try:
-                    idx = int(index)
-                    float(value)
-                except ValueError:
-                    idx = None
-                if not sep or idx is None:
-                    return lineno, f"{token!r} is not of the form index:value"
-                if idx < 0 or idx <= last:
-                    return lineno, f"feature index {idx} is negative or out of order"
-                last = idx
+            problem = libsvm_line_problem(line)
+            if problem is not None:
+                return lineno, problem
     return None
 
 

@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from clip21mpi import __version__
 from clip21mpi.runlog import CSR_COMPRESSIONS, CsrReader, CsrWriter
-from problems.data import DataError
+from problems.data import MAX_INDEX, DataError, libsvm_line_problem
 
 __all__ = [
     "BLOCK_BYTES",
@@ -60,8 +60,6 @@ BLOCK_BYTES = 16 << 20
 MAX_GAP = 1024
 # Rows of one span that holds unwanted rows (its read buffer is bounded).
 SPAN_ROWS = 1 << 16
-# The largest feature index an int32 column can hold.
-MAX_INDEX = np.iinfo(np.int32).max - 1
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _CONVERT_HINT = "convert a LibSVM file with 'clip21mpi data convert FILE OUT.h5'"
@@ -119,32 +117,9 @@ def _bad_line(block: bytes, first_line: int) -> tuple[int, str] | None:
     strictly increasing non-negative integer indices.
     """
     for offset, raw in enumerate(block.split(b"\n")):
-        body = raw.decode(errors="replace").split("#", 1)[0].split()
-        if not body:
-            continue
-        lineno = first_line + offset
-        try:
-            float(body[0])
-        except ValueError:
-            return lineno, f"label {body[0]!r} is not a number"
-        tokens = body[1:]
-        if tokens and tokens[0].startswith("qid:"):
-            tokens = tokens[1:]
-        last = -1
-        for token in tokens:
-            index, sep, value = token.partition(":")
-            try:
-                idx = int(index)
-                float(value)
-            except ValueError:
-                idx = None
-            if not sep or idx is None:
-                return lineno, f"{token!r} is not of the form index:value"
-            if idx < 0 or idx <= last:
-                return lineno, f"feature index {idx} is negative or out of order"
-            if idx > MAX_INDEX:
-                return lineno, f"feature index {idx} exceeds {MAX_INDEX}"
-            last = idx
+        problem = libsvm_line_problem(raw.decode(errors="replace"))
+        if problem is not None:
+            return first_line + offset, problem
     return None
 
 
