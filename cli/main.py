@@ -220,221 +220,149 @@ def cli():
     """
 
 
+# The run options: (option, type, help). Defaults come from RunConfig; a
+# type of None is text, "flag" a switch.
+RUN_OPTIONS = (
+    (
+        "--problem",
+        None,
+        (
+            "logreg (logistic), nls (nonlinear least squares) or mlp "
+            "(a one-hidden-layer network with softmax cross-entropy)."
+        ),
+    ),
+    (
+        "--reg",
+        None,
+        (
+            "Regulariser: none, l2 (lam/2 ||x||^2), nonconvex "
+            "(lam sum x^2/(1+x^2)) or auto (nonconvex; none for mlp)."
+        ),
+    ),
+    ("--lam", float, "Regulariser weight."),
+    (
+        "--data",
+        None,
+        (
+            "LibSVM file (.gz, .bz2 too), converted .h5 file, bundled "
+            "name (breast_cancer, digits), or synthetic[:rows=N,features=D,"
+            "heterogeneity=H]."
+        ),
+    ),
+    ("--clients", int, "Number of clients (default: the number of ranks)."),
+    ("--split", None, "Rows to clients: contiguous, shuffled or by-label."),
+    (
+        "--method",
+        None,
+        (
+            "gd, clip-gd, clip-sgd, clip21, clip21-sgd, press-clip21, "
+            "ef21, clip21-sgd2m, normec or clip-fedavg (see the README)."
+        ),
+    ),
+    ("--tau", float, "Clip threshold (bounds each message's norm)."),
+    ("--k", int, "Top-k coordinates per message (ef21, press-clip21)."),
+    ("--step-size", StepSize(), "Step size gamma, or auto (see the README)."),
+    ("--iters", int, "Maximum number of iterations."),
+    ("--tol", float, "Stop when ||grad f||^2 <= tol (0: only at an exact zero)."),
+    ("--eval-every", int, "Evaluate the loss every this many iterations."),
+    ("--seed", int, "Seed of every random stream."),
+    (
+        "--x0",
+        None,
+        (
+            "Starting point: zeros, normal (N(0, I), seeded), or auto "
+            "(zeros; Glorot-uniform weights for mlp)."
+        ),
+    ),
+    (
+        "--out",
+        click.Path(dir_okay=False),
+        "HDF5 log (default: runs/<method>-<problem>-<data>-<time>.h5).",
+    ),
+    ("--overwrite", "flag", "Replace an existing --out."),
+    (
+        "--batch-size",
+        int,
+        "Rows per client and step: stochastic gradients (default: all rows).",
+    ),
+    (
+        "--noise-sigma",
+        float,
+        ("Std of the Gaussian noise each client adds to its message."),
+    ),
+    (
+        "--epsilon",
+        float,
+        ("Privacy target for the whole run: calibrates --noise-sigma."),
+    ),
+    ("--delta", float, "The delta of (epsilon, delta)-DP."),
+    (
+        "--neighbouring",
+        None,
+        (
+            "Neighbouring relation of clients: add-remove "
+            "(sensitivity = bound) or replace (2 x bound)."
+        ),
+    ),
+    ("--alpha", float, "normec: the shift in v / (alpha + ||v||)."),
+    (
+        "--beta",
+        float,
+        (
+            "clip21-sgd2m: momentum weight (default 0.1); normec: "
+            "feedback weight (default 1)."
+        ),
+    ),
+    ("--beta-hat", float, "clip21-sgd2m: feedback weight (default: --beta)."),
+    ("--local-steps", int, "clip-fedavg: local steps per round."),
+    ("--local-step-size", StepSize(), "clip-fedavg: local step size, or auto (1/L)."),
+    ("--server-step-size", float, "clip-fedavg: server step size."),
+    ("--hidden", int, "mlp: hidden units."),
+    (
+        "--checkpoint-every",
+        int,
+        (
+            "Write a checkpoint next to --out every N "
+            "iterations (0: only on SIGTERM or SIGUSR1)."
+        ),
+    ),
+    (
+        "--resume",
+        "flag",
+        (
+            "Continue from the checkpoint next to --out (also done "
+            "without this flag when one exists and matches)."
+        ),
+    ),
+)
+
+
+def run_options(command):
+    """Add ``--config`` and every option of RUN_OPTIONS to ``command``."""
+    for option, kind, text in reversed(RUN_OPTIONS):
+        default = getattr(DEFAULTS, option[2:].replace("-", "_"))
+        if kind == "flag":
+            command = click.option(option, is_flag=True, help=text)(command)
+        else:
+            command = click.option(
+                option,
+                type=kind,
+                default=default,
+                help=text,
+                show_default=default is not None,
+            )(command)
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        callback=_load_config_file,
+        is_eager=True,
+        expose_value=False,
+        help="TOML file of options (keys as the option names); the command line wins.",
+    )(command)
+
+
 @cli.command()
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False),
-    callback=_load_config_file,
-    is_eager=True,
-    expose_value=False,
-    help="TOML file of options (keys as the option names); the command line wins.",
-)
-@click.option(
-    "--problem",
-    default=DEFAULTS.problem,
-    show_default=True,
-    help="logreg (logistic), nls (nonlinear least squares) or mlp (a "
-    "one-hidden-layer network with softmax cross-entropy).",
-)
-@click.option(
-    "--reg",
-    default=DEFAULTS.reg,
-    show_default=True,
-    help="Regulariser: none, l2 (lam/2 ||x||^2), nonconvex (lam sum x^2/(1+x^2)) "
-    "or auto (nonconvex; none for mlp).",
-)
-@click.option(
-    "--lam",
-    type=float,
-    default=DEFAULTS.lam,
-    show_default=True,
-    help="Regulariser weight.",
-)
-@click.option(
-    "--data",
-    default=DEFAULTS.data,
-    show_default=True,
-    help="LibSVM file (.gz, .bz2 too), bundled name (breast_cancer), or "
-    "synthetic[:rows=N,features=D,heterogeneity=H].",
-)
-@click.option(
-    "--clients",
-    type=int,
-    default=None,
-    help="Number of clients (default: the number of ranks).",
-)
-@click.option(
-    "--split",
-    default=DEFAULTS.split,
-    show_default=True,
-    help="Rows to clients: contiguous, shuffled or by-label.",
-)
-@click.option(
-    "--method",
-    default=DEFAULTS.method,
-    show_default=True,
-    help="gd, clip-gd, clip-sgd, clip21, clip21-sgd, press-clip21, ef21, "
-    "clip21-sgd2m, normec or clip-fedavg (see the README).",
-)
-@click.option(
-    "--tau",
-    type=float,
-    default=DEFAULTS.tau,
-    show_default=True,
-    help="Clip threshold (bounds each message's norm).",
-)
-@click.option(
-    "--k",
-    "k",
-    type=int,
-    default=DEFAULTS.k,
-    show_default=True,
-    help="Top-k coordinates per message (ef21, press-clip21).",
-)
-@click.option(
-    "--step-size",
-    type=StepSize(),
-    default=DEFAULTS.step_size,
-    show_default=True,
-    help="Step size gamma, or auto (see the README).",
-)
-@click.option(
-    "--iters",
-    type=int,
-    default=DEFAULTS.iters,
-    show_default=True,
-    help="Maximum number of iterations.",
-)
-@click.option(
-    "--tol",
-    type=float,
-    default=DEFAULTS.tol,
-    show_default=True,
-    help="Stop when ||grad f||^2 <= tol (0: only at an exact zero).",
-)
-@click.option(
-    "--eval-every",
-    type=int,
-    default=DEFAULTS.eval_every,
-    show_default=True,
-    help="Evaluate the loss every this many iterations.",
-)
-@click.option(
-    "--seed",
-    type=int,
-    default=DEFAULTS.seed,
-    show_default=True,
-    help="Seed of every random stream.",
-)
-@click.option(
-    "--x0",
-    default=DEFAULTS.x0,
-    show_default=True,
-    help="Starting point: zeros, normal (N(0, I), seeded), or auto (zeros; "
-    "Glorot-uniform weights for mlp).",
-)
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="HDF5 log (default: runs/<method>-<problem>-<data>-<time>.h5).",
-)
-@click.option(
-    "--batch-size",
-    type=int,
-    default=None,
-    help="Rows per client and step: stochastic gradients (default: all rows).",
-)
-@click.option(
-    "--noise-sigma",
-    type=float,
-    default=DEFAULTS.noise_sigma,
-    show_default=True,
-    help="Std of the Gaussian noise each client adds to its message.",
-)
-@click.option(
-    "--epsilon",
-    type=float,
-    default=None,
-    help="Privacy target for the whole run: calibrates --noise-sigma.",
-)
-@click.option(
-    "--delta",
-    type=float,
-    default=DEFAULTS.delta,
-    show_default=True,
-    help="The delta of (epsilon, delta)-DP.",
-)
-@click.option(
-    "--neighbouring",
-    default=DEFAULTS.neighbouring,
-    show_default=True,
-    help="Neighbouring relation of clients: add-remove (sensitivity = bound) or "
-    "replace (2 x bound).",
-)
-@click.option(
-    "--alpha",
-    type=float,
-    default=DEFAULTS.alpha,
-    show_default=True,
-    help="normec: the shift in v / (alpha + ||v||).",
-)
-@click.option(
-    "--beta",
-    type=float,
-    default=None,
-    help="clip21-sgd2m: momentum weight (default 0.1); normec: feedback weight "
-    "(default 1).",
-)
-@click.option(
-    "--beta-hat",
-    type=float,
-    default=None,
-    help="clip21-sgd2m: feedback weight (default: --beta).",
-)
-@click.option(
-    "--local-steps",
-    type=int,
-    default=DEFAULTS.local_steps,
-    show_default=True,
-    help="clip-fedavg: local steps per round.",
-)
-@click.option(
-    "--local-step-size",
-    type=StepSize(),
-    default=DEFAULTS.local_step_size,
-    show_default=True,
-    help="clip-fedavg: local step size, or auto (1/L).",
-)
-@click.option(
-    "--server-step-size",
-    type=float,
-    default=DEFAULTS.server_step_size,
-    show_default=True,
-    help="clip-fedavg: server step size.",
-)
-@click.option(
-    "--hidden",
-    type=int,
-    default=DEFAULTS.hidden,
-    show_default=True,
-    help="mlp: hidden units.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option(
-    "--checkpoint-every",
-    type=int,
-    default=DEFAULTS.checkpoint_every,
-    show_default=True,
-    help="Write a checkpoint next to --out every N iterations (0: only on "
-    "SIGTERM or SIGUSR1).",
-)
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue from the checkpoint next to --out (also done without this "
-    "flag when one exists and matches).",
-)
+@run_options
 @click.option("-v", "--verbose", count=True, help="More output (-vv: every rank).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def run(verbose, quiet, **options):
