@@ -64,7 +64,9 @@ def mpi_versions() -> dict[str, str]:
     import mpi4py
 
     MPI = _mpi()
-    library = MPI.Get_library_version().strip().splitlines()[0].strip()
+    # Open MPI ends its version text with a NUL byte, which HDF5 refuses.
+    text = MPI.Get_library_version().replace("\x00", "")
+    library = text.strip().splitlines()[0].strip()
     return {
         "mpi4py": mpi4py.__version__,
         "mpi_library": library,

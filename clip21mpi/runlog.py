@@ -81,7 +81,12 @@ class RunLog:
         log = cls(path, metrics)
         parent = os.path.dirname(os.path.abspath(log.path))
         os.makedirs(parent, exist_ok=True)
-        with _open(log.path, "w" if overwrite else "w-") as f:
+        if os.path.exists(log.path) and not overwrite:
+            raise FileExistsError(f"the log {log.path!r} exists")
+        # Built under a temporary name and renamed: a reader never meets a
+        # half-made log.
+        tmp = f"{log.path}.tmp-{os.getpid()}"
+        with _open(tmp, "w") as f:
             for key, value in attrs.items():
                 f.attrs[key] = _attr_value(value)
             f.attrs["status"] = "running"
@@ -108,6 +113,7 @@ class RunLog:
                     fillvalue=np.nan,
                 )
                 ds.dims[0].attach_scale(it)
+        os.replace(tmp, log.path)
         return log
 
     def append(self, iterations: np.ndarray, columns: dict[str, np.ndarray]) -> None:

