@@ -44,15 +44,14 @@ import math
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from workers import run_worker
 
 from clip21mpi import __version__
 from clip21mpi.comm import World, install_abort_on_error
@@ -81,7 +80,6 @@ SPREAD_WARNING = 0.25
 
 # Rank 0 of a worker prints one line starting with this, then JSON.
 RESULT_PREFIX = "bench_iteration result: "
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # The naive reference: one client at a time, dense rows, no stacking.
@@ -307,13 +305,6 @@ def find_mpiexec() -> str:
     return found
 
 
-def worker_env() -> dict[str, str]:
-    """Return this environment with one BLAS/OpenMP thread per process."""
-    env = dict(os.environ)
-    env.update({name: "1" for name in THREAD_VARIABLES})
-    return env
-
-
 def launch(args, mpiexec: str, method: str, ranks: int, repeat: int, log_dir: str):
     """Run one worker job and return rank 0's report.
 
@@ -343,34 +334,13 @@ def launch(args, mpiexec: str, method: str, ranks: int, repeat: int, log_dir: st
         "--repeat-index",
         str(repeat),
     ]
-    proc = subprocess.Popen(
+    return run_worker(
         command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=worker_env(),
-        start_new_session=True,
+        RESULT_PREFIX,
+        args.timeout,
+        f"{method} on {ranks} rank(s)",
+        "pass a larger --timeout or fewer --iters",
     )
-    try:
-        out, err = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise SystemExit(
-            f"error: {method} on {ranks} rank(s) took more than --timeout "
-            f"{args.timeout:g} s and was killed; pass a larger --timeout or fewer "
-            f"--iters\ncommand: {' '.join(command)}"
-        ) from None
-
-    lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(err.strip().splitlines()[-20:])
-        raise SystemExit(
-            f"error: {method} on {ranks} rank(s) exited with code {proc.returncode}"
-            f"{'' if lines else ' and printed no result'}\n"
-            f"command: {' '.join(command)}\n{tail}"
-        )
-    return json.loads(lines[-1].removeprefix(RESULT_PREFIX))
 
 
 def collect(args, mpiexec: str) -> list[dict]:

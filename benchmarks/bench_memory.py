@@ -52,8 +52,6 @@ import os
 import resource
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,11 +59,11 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from workers import run_worker
 
 RANK_COUNTS = (1, 2, 4)
 # Rank 0 of a worker prints one line starting with this, then JSON.
 RESULT_PREFIX = "bench_memory result: "
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Free disk space wanted beyond the file itself.
 DISK_MARGIN_BYTES = 1 << 30
 STEP_SIZE = 0.5
@@ -215,35 +213,13 @@ def launch(args, mpiexec: str, path: str, ranks: int) -> list[dict]:
         "--seed",
         str(args.seed),
     ]
-    env = dict(os.environ)
-    env.update({name: "1" for name in THREAD_VARIABLES})
-    proc = subprocess.Popen(
+    return run_worker(
         command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
+        RESULT_PREFIX,
+        args.timeout,
+        f"the {ranks}-rank job",
+        "pass a larger --timeout or a smaller --gb (out of memory?)",
     )
-    try:
-        out, err = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise SystemExit(
-            f"error: the {ranks}-rank job took more than --timeout {args.timeout:g} s "
-            f"and was killed; pass a larger --timeout or a smaller --gb\n"
-            f"command: {shlex.join(command)}"
-        ) from None
-    lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(err.strip().splitlines()[-20:])
-        raise SystemExit(
-            f"error: the {ranks}-rank job exited with code {proc.returncode}"
-            f"{'' if lines else ' and printed no result'} (out of memory?)\n"
-            f"command: {shlex.join(command)}\n{tail}"
-        )
-    return json.loads(lines[-1].removeprefix(RESULT_PREFIX))
 
 
 def format_table(results: dict[int, list[dict]]) -> str:
