@@ -60,6 +60,7 @@ class MethodSpec:
     sends: str = ""
     paper: str = ""
     options: tuple = ()
+    notation: str = ""  # the update rule and its symbols, option by option
 
 
 _CLIP21 = "Khirirat, Gorbunov, Horvath, Islamov, Karray, Richtarik (2023)"
@@ -75,6 +76,9 @@ METHODS: dict[str, MethodSpec] = {
             summary="x -= gamma mean_i grad f_i(x)",
             sends="grad f_i(x)",
             paper="gradient descent",
+            notation=(
+                "x <- x - gamma mean_i grad f_i(x)\ngamma  step size   --step-size"
+            ),
         ),
         MethodSpec(
             "clip-gd",
@@ -85,6 +89,11 @@ METHODS: dict[str, MethodSpec] = {
             sends="clip_tau(grad f_i(x))",
             paper="clipped GD, the biased baseline of " + _CLIP21,
             options=("--tau",),
+            notation=(
+                "x <- x - gamma mean_i clip_tau(grad f_i(x))\n"
+                "gamma  step size        --step-size\n"
+                "tau    clip threshold   --tau"
+            ),
         ),
         MethodSpec(
             "clip-sgd",
@@ -95,6 +104,12 @@ METHODS: dict[str, MethodSpec] = {
             sends="clip_tau(grad f_i(x; xi_i))",
             paper="clipped SGD, baseline of " + _CLIP21,
             options=("--tau", "--batch-size"),
+            notation=(
+                "x <- x - gamma mean_i clip_tau(grad f_i(x; xi_i))\n"
+                "gamma  step size        --step-size\n"
+                "tau    clip threshold   --tau\n"
+                "xi_i   b rows of client i, from its own stream   --batch-size"
+            ),
         ),
         MethodSpec(
             "clip21",
@@ -105,6 +120,12 @@ METHODS: dict[str, MethodSpec] = {
             sends="c_i",
             paper=_CLIP21,
             options=("--tau",),
+            notation=(
+                "c_i = clip_tau(grad f_i(x) - g_i); g_i += c_i; g += mean_i c_i; x <- x - gamma g\n"
+                "gamma  step size        --step-size\n"
+                "tau    clip threshold   --tau\n"
+                "g_i    client estimate  (starts at 0; checkpointed)"
+            ),
         ),
         MethodSpec(
             "clip21-sgd",
@@ -115,6 +136,13 @@ METHODS: dict[str, MethodSpec] = {
             sends="c_i",
             paper=_CLIP21,
             options=("--tau", "--batch-size"),
+            notation=(
+                "c_i = clip_tau(grad f_i(x; xi_i) - g_i); g_i += c_i; g += mean_i c_i; x <- x - gamma g\n"
+                "gamma  step size        --step-size\n"
+                "tau    clip threshold   --tau\n"
+                "xi_i   b rows of client i, from its own stream   --batch-size\n"
+                "g_i    client estimate  (checkpointed)"
+            ),
         ),
         MethodSpec(
             "press-clip21",
@@ -125,6 +153,13 @@ METHODS: dict[str, MethodSpec] = {
             sends="c_i: k values and indices",
             paper=_CLIP21,
             options=("--tau", "--k"),
+            notation=(
+                "c_i = TopK(clip_tau(grad f_i(x) - g_i)); g_i += c_i; g += mean_i c_i; x <- x - gamma g\n"
+                "gamma  step size        --step-size\n"
+                "tau    clip threshold   --tau\n"
+                "k      coordinates kept --k\n"
+                "g_i    client estimate  (checkpointed)"
+            ),
         ),
         MethodSpec(
             "ef21",
@@ -136,6 +171,12 @@ METHODS: dict[str, MethodSpec] = {
             sends="c_i: k values and indices (the gradient at k = 0)",
             paper="Richtarik, Sokolov, Fatkhullin (2021)",
             options=("--k",),
+            notation=(
+                "c_i = TopK(grad f_i(x) - g_i); g_i += c_i; g += mean_i c_i; x <- x - gamma g\n"
+                "gamma  step size        --step-size\n"
+                "k      coordinates kept --k\n"
+                "g_i    client estimate  (g_i = grad f_i(x^0) after round 0; checkpointed)"
+            ),
         ),
         MethodSpec(
             "clip21-sgd2m",
@@ -150,6 +191,16 @@ METHODS: dict[str, MethodSpec] = {
             sends="c_i",
             paper="Islamov, Horvath, Lucchi, Richtarik, Gorbunov (2025)",
             options=("--tau", "--beta", "--beta-hat", "--batch-size"),
+            notation=(
+                "v_i = (1 - beta) v_i + beta grad f_i(x; xi_i); c_i = clip_tau(v_i - g_i);\n"
+                "g_i += beta_hat c_i; g += beta_hat mean_i (c_i + noise_i); x <- x - gamma g\n"
+                "gamma     step size        --step-size\n"
+                "tau       clip threshold   --tau\n"
+                "beta      momentum weight  --beta\n"
+                "beta_hat  feedback weight  --beta-hat\n"
+                "xi_i      minibatch (all rows without)   --batch-size\n"
+                "v_i, g_i  momentum, estimate (start at 0; checkpointed)"
+            ),
         ),
         MethodSpec(
             "normec",
@@ -164,6 +215,15 @@ METHODS: dict[str, MethodSpec] = {
             sends="D_i (norm below 1)",
             paper="Shulgin, Khirirat, Richtarik (2025)",
             options=("--alpha", "--beta", "--batch-size"),
+            notation=(
+                "D_i = (grad f_i(x) - g_i) / (alpha + ||grad f_i(x) - g_i||);\n"
+                "g_i += beta D_i; g += beta mean_i (D_i + noise_i); x <- x - gamma g\n"
+                "gamma  step size        --step-size\n"
+                "alpha  shift            --alpha\n"
+                "beta   feedback weight  --beta\n"
+                "grad f_i(x) may be a minibatch gradient   --batch-size\n"
+                "g_i    client estimate  (starts at 0; checkpointed)"
+            ),
         ),
         MethodSpec(
             "clip-fedavg",
@@ -182,6 +242,14 @@ METHODS: dict[str, MethodSpec] = {
                 "--local-step-size",
                 "--server-step-size",
                 "--batch-size",
+            ),
+            notation=(
+                "x_i = x; Q times x_i -= eta grad f_i(x_i); x <- x + gamma_s mean_i clip_tau(x_i - x)\n"
+                "Q        local steps        --local-steps\n"
+                "eta      local step size    --local-step-size\n"
+                "gamma_s  server step size   --server-step-size\n"
+                "tau      clip threshold     --tau\n"
+                "local gradients may be minibatch ones   --batch-size"
             ),
         ),
     )

@@ -365,3 +365,12 @@ def test_mlp_learns_digits_with_clip21_sgd2m(tmp_path):
     loss = log["metrics"]["loss"]
     assert loss[0] > 2.0 and result.loss < 0.5
     assert np.isnan(log["attrs"]["L"])
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_documents_its_rule_and_options(name):
+    spec = METHODS[name]
+    assert spec.summary and spec.paper and spec.sends
+    step = "--server-step-size" if spec.estimator == "local-steps" else "--step-size"
+    for option in (*spec.options, step):
+        assert option in spec.notation, option
