@@ -408,6 +408,26 @@ def run(verbose, quiet, **options):
     sys.exit(result.exit_code)
 
 
+@cli.command()
+@click.argument("name", required=False)
+def methods(name):
+    """List the methods, or show NAME's update rule, notation and paper."""
+    from clip21mpi.methods import METHODS
+
+    if name is None:
+        width = max(map(len, METHODS))
+        for spec in METHODS.values():
+            click.echo(f"{spec.name:<{width}}  {spec.summary}")
+        return
+    if name not in METHODS:
+        raise click.BadParameter(
+            f"{name!r} is not one of {', '.join(METHODS)}{suggest(name, METHODS)}",
+            param_hint="NAME",
+        )
+    spec = METHODS[name]
+    click.echo(f"{spec.name}: {spec.paper}\n\n{spec.notation}\n\nsends: {spec.sends}")
+
+
 # Further commands: each module defines its own, and is registered here.
 cli.add_command(info)
 cli.add_command(plot)

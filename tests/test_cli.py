@@ -16,8 +16,9 @@ import warnings
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from cli.main import main
+from cli.main import cli, main
 from clip21mpi.runlog import read_log
 
 SYNTH = "synthetic:rows=200,features=5"
@@ -448,3 +449,17 @@ def test_mpiexec_two_ranks_match_one_rank(
             atol=1e-14,
             err_msg=name,
         )
+
+
+def test_methods_lists_and_explains():
+    runner = CliRunner()
+    listing = runner.invoke(cli, ["methods"])
+    assert listing.exit_code == 0
+    assert len(listing.stdout.splitlines()) == 10
+    shown = runner.invoke(cli, ["methods", "clip21"])
+    assert shown.exit_code == 0
+    assert shown.stdout.startswith("clip21: Khirirat, Gorbunov, Horvath")
+    assert "tau    clip threshold   --tau" in shown.stdout
+    wrong = runner.invoke(cli, ["methods", "normc"])
+    assert wrong.exit_code == 2
+    assert "did you mean 'normec'?" in wrong.stderr
