@@ -43,7 +43,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -51,7 +50,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from workers import run_worker
+from workers import find_mpiexec, run_worker
 
 from clip21mpi import __version__
 from clip21mpi.comm import World, install_abort_on_error
@@ -285,24 +284,6 @@ def worker(args) -> None:
 
 
 # The parent: launch the workers, collect, summarise.
-
-
-def find_mpiexec() -> str:
-    """Return the mpiexec beside the running Python, else the one on PATH.
-
-    Raises:
-        SystemExit: if there is none.
-    """
-    beside = Path(sys.executable).parent / "mpiexec"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("mpiexec")
-    if found is None:
-        raise SystemExit(
-            f"error: no mpiexec beside {sys.executable!r} nor on PATH; install an MPI "
-            "(e.g. pip install mpich) or put its mpiexec on PATH"
-        )
-    return found
 
 
 def launch(args, mpiexec: str, method: str, ranks: int, repeat: int, log_dir: str):

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from workers import run_worker
+from workers import find_mpiexec, run_worker
 
 RANK_COUNTS = (1, 2, 4)
 # Rank 0 of a worker prints one line starting with this, then JSON.
@@ -175,20 +175,6 @@ def worker(args) -> None:
 
 
 # The parent: generate, launch, tabulate.
-
-
-def find_mpiexec() -> str:
-    """Return the mpiexec beside the running Python, else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("mpiexec")
-    if found is None:
-        raise SystemExit(
-            f"error: no mpiexec beside {sys.executable!r} nor on PATH; install an MPI "
-            "(e.g. pip install mpich) or put its mpiexec on PATH"
-        )
-    return found
 
 
 def launch(args, mpiexec: str, path: str, ranks: int) -> list[dict]:

@@ -5,10 +5,31 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def find_mpiexec() -> str:
+    """Return the mpiexec beside the running Python, else the one on PATH.
+
+    Raises:
+        SystemExit: if there is none.
+    """
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise SystemExit(
+            f"error: no mpiexec beside {sys.executable!r} nor on PATH; install an MPI "
+            "(e.g. pip install mpich) or put its mpiexec on PATH"
+        )
+    return found
 
 
 def worker_env() -> dict[str, str]:
