@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -94,7 +94,6 @@ class RunResult:
     smoothness: float = float("nan")
     noise_sigma: float = 0.0
     epsilon: float | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
