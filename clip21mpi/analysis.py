@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clip21mpi.config import unused_options
 from clip21mpi.methods import BETA_DEFAULTS, METHODS
 from clip21mpi.runlog import read_log
 
@@ -94,19 +95,6 @@ SETTINGS = (
     "seed",
     "x0",
 )
-# Settings that only the methods listing them in MethodSpec.options use.
-METHOD_OPTIONS = (
-    "tau",
-    "k",
-    "alpha",
-    "beta",
-    "beta_hat",
-    "local_steps",
-    "local_step_size",
-    "server_step_size",
-)
-# Settings that only noisy runs use.
-PRIVACY_OPTIONS = ("epsilon", "delta", "neighbouring")
 PRIVACY_ATTRS = (
     "noise_sigma",
     "noise_multiplier",
@@ -456,28 +444,19 @@ def run_settings(run: Run) -> dict:
     """
     cfg, attrs = run.config, run.attrs
     spec = METHODS.get(run.method)
-    noisy = "noise_sigma" in attrs or (cfg.get("noise_sigma") or 0) > 0
-    noisy = noisy or cfg.get("epsilon") is not None
     settings = {name: cfg.get(name) for name in SETTINGS}
+    for name in unused_options({k: v for k, v in cfg.items() if k in SETTINGS}):
+        settings[name] = None
     if spec is not None:
-        for name in METHOD_OPTIONS:
-            if "--" + name.replace("_", "-") not in spec.options:
-                settings[name] = None
         if settings["beta"] is None and "--beta" in spec.options:
             settings["beta"] = BETA_DEFAULTS.get(spec.name)
         if settings["beta_hat"] is None and "--beta-hat" in spec.options:
             settings["beta_hat"] = settings["beta"]
-    settings["step_size"] = attrs.get("step_size", settings["step_size"])
-    if spec is not None and spec.estimator == "local-steps":
-        settings["step_size"] = None
+    if spec is None or spec.estimator != "local-steps":
+        settings["step_size"] = attrs.get("step_size", settings["step_size"])
     if settings["batch_size"] is None:
         settings["batch_size"] = "full"
-    if cfg.get("problem") != "mlp":
-        settings["hidden"] = None
     settings["noise_sigma"] = attrs.get("noise_sigma", settings["noise_sigma"])
-    if not noisy:
-        for name in PRIVACY_OPTIONS:
-            settings[name] = None
     data = settings["data"]
     if isinstance(data, str) and os.sep in data:
         settings["data"] = os.path.basename(data)

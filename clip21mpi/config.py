@@ -19,7 +19,14 @@ from clip21mpi.privacy import RELATIONS
 from problems.losses import LOSSES, REGULARISERS
 from problems.split import SPLITS
 
-__all__ = ["PROBLEMS", "X0_CHOICES", "ConfigError", "RunConfig", "suggest"]
+__all__ = [
+    "PROBLEMS",
+    "X0_CHOICES",
+    "ConfigError",
+    "RunConfig",
+    "suggest",
+    "unused_options",
+]
 
 X0_CHOICES = ("auto", "zeros", "normal")
 PROBLEMS = (*LOSSES, "mlp")
@@ -234,3 +241,42 @@ def _choice(option: str, value: str, valid) -> None:
             option,
             f"{option} {value!r} is not one of {', '.join(valid)}{suggest(value, valid)}",
         )
+
+
+def _fields_of(spec) -> set[str]:
+    """Return the RunConfig fields of a method's CLI options (``--beta-hat``)."""
+    return {option.removeprefix("--").replace("-", "_") for option in spec.options}
+
+
+# Options that some methods use and others ignore (any method takes minibatches).
+_PER_METHOD = set().union(*map(_fields_of, METHODS.values())) - {"batch_size"}
+
+
+def unused_options(options: dict) -> set[str]:
+    """Return the options a run with ``options`` does not use.
+
+    Method options (``MethodSpec.options``) unused by its method; the step
+    size of local-step methods (the server step replaces it); ``hidden``
+    unless the problem is ``mlp``; ``delta`` and ``neighbouring`` without
+    noise. Nothing is dropped for an unknown method, so validation sees it.
+
+    Example:
+        >>> sorted(unused_options({"method": "clip21", "noise_sigma": 0.5}))[:4]
+        ['alpha', 'beta', 'beta_hat', 'hidden']
+        >>> {"tau", "delta"} <= unused_options({"method": "gd"})
+        True
+    """
+    default = RunConfig()
+    method = options.get("method", default.method)
+    if method not in METHODS:
+        return set()
+    spec = METHODS[method]
+    unused = _PER_METHOD - _fields_of(spec)
+    if spec.estimator == "local-steps":
+        unused.add("step_size")
+    if options.get("problem", default.problem) != "mlp":
+        unused.add("hidden")
+    noise = {k: v for k, v in options.items() if k in ("noise_sigma", "epsilon")}
+    if not default.replace(**noise).noisy:
+        unused.update(("delta", "neighbouring"))
+    return unused

@@ -16,8 +16,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
-from clip21mpi.config import ConfigError, RunConfig, suggest
-from clip21mpi.methods import METHODS
+from clip21mpi.config import ConfigError, RunConfig, suggest, unused_options
 
 __all__ = [
     "OPTIONS",
@@ -54,14 +53,6 @@ _WHAT = {
     type(None): "none",
 }
 
-
-def _fields_of(spec) -> set[str]:
-    """Return the RunConfig fields of a method's CLI options (``--beta-hat``)."""
-    return {option.removeprefix("--").replace("-", "_") for option in spec.options}
-
-
-# Options that some methods use and others ignore (any method takes minibatches).
-_PER_METHOD = set().union(*map(_fields_of, METHODS.values())) - {"batch_size"}
 
 # Characters kept in log names; every other one becomes "-".
 _NAME_CHARS = frozenset(
@@ -317,36 +308,6 @@ def load_grid_file(path) -> Grid:
             )
         axes[name] = tuple(convert(name, value, where) for value in values)
     return Grid(base, axes)
-
-
-def unused_options(options: dict) -> set[str]:
-    """Return the options a run with ``options`` does not use.
-
-    Method options (``MethodSpec.options``) unused by its method; the step
-    size of local-step methods (the server step replaces it); ``hidden``
-    unless the problem is ``mlp``; ``delta`` and ``neighbouring`` without
-    noise. Nothing is dropped for an unknown method, so validation sees it.
-
-    Example:
-        >>> sorted(unused_options({"method": "clip21", "noise_sigma": 0.5}))[:4]
-        ['alpha', 'beta', 'beta_hat', 'hidden']
-        >>> {"tau", "delta"} <= unused_options({"method": "gd"})
-        True
-    """
-    default = RunConfig()
-    method = options.get("method", default.method)
-    if method not in METHODS:
-        return set()
-    spec = METHODS[method]
-    unused = _PER_METHOD - _fields_of(spec)
-    if spec.estimator == "local-steps":
-        unused.add("step_size")
-    if options.get("problem", default.problem) != "mlp":
-        unused.add("hidden")
-    noise = {k: v for k, v in options.items() if k in ("noise_sigma", "epsilon")}
-    if not default.replace(**noise).noisy:
-        unused.update(("delta", "neighbouring"))
-    return unused
 
 
 def file_value(value) -> str:
