@@ -584,10 +584,10 @@ def run(
         "local_steps": cfg.local_steps,
         "local_step_size": local_step,
     }
-    bound = Method(spec, **options).norm_bound
-    privacy = _privacy(cfg, bound, world)
+    method = Method(spec, **options)
+    privacy = _privacy(cfg, method.norm_bound, world)
     sigma = 0.0 if privacy is None else privacy.noise_sigma
-    method = Method(spec, noise_sigma=sigma, **options)
+    method.noise_sigma = sigma  # calibrated to the method's norm bound
     path = cfg.out
     if path is None:
         path = world.broadcast(
